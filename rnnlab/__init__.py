@@ -1,0 +1,16 @@
+"""rnnlab: recurrent neural networks as pure JAX functions."""
+
+from rnnlab import cells
+from rnnlab.cells.base import RNNCell
+from rnnlab.unroll import (
+    batched_initial_state,
+    bidirectional,
+    init_bidirectional,
+    init_stacked_bidirectional,
+    reverse_sequence,
+    stacked_bidirectional,
+    unroll,
+)
+from rnnlab.wrappers import DropoutState, dropout, residual, stack
+
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""The basic (Elman) RNN cell: `h' = act(W_x·x + W_h·h + b)`, output `h'`."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from rnnlab.cells.base import (
+    Array,
+    Params,
+    PRNGKey,
+    RNNCell,
+    check_input,
+    check_positive_int,
+    glorot_uniform,
+    orthogonal,
+)
+
+
+def basic_rnn(num_units: int, activation: Callable[[Array], Array] = jnp.tanh) -> RNNCell:
+    """TF1's `BasicRNNCell`: `h' = activation(W_x·x + W_h·h + b)`.
+
+    Params (input size `I`, `H = num_units`):
+      `w_x: [I, H]` (Glorot uniform), `w_h: [H, H]` (orthogonal), `b: [H]` (zeros).
+    State: `h: [H]` (zeros initially). Output: `h'`.
+    """
+    num_units = check_positive_int(num_units, "num_units")
+    name = f"basic_rnn({num_units})"
+
+    def init(key: PRNGKey, input_size: int) -> Params:
+        input_size = check_positive_int(input_size, "input_size")
+        kx, kh = jax.random.split(key)
+        return {
+            "w_x": glorot_uniform(kx, (input_size, num_units)),
+            "w_h": orthogonal(kh, (num_units, num_units)),
+            "b": jnp.zeros((num_units,)),
+        }
+
+    def initial_state(params: Params, rng: PRNGKey | None = None) -> Array:
+        del rng
+        return jnp.zeros((num_units,), params["w_h"].dtype)
+
+    def input_projection(params: Params, x: Array) -> Array:
+        return x @ params["w_x"] + params["b"]
+
+    def projected_step(params: Params, h: Array, z: Array) -> tuple[Array, Array]:
+        h = activation(z + h @ params["w_h"])
+        return h, h
+
+    def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
+        check_input(x, params["w_x"].shape[0], name)
+        return projected_step(params, h, input_projection(params, x))
+
+    return RNNCell(
+        init=init,
+        initial_state=initial_state,
+        step=step,
+        output_size=num_units,
+        name=name,
+        input_projection=input_projection,
+        projected_step=projected_step,
+    )

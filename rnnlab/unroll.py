@@ -1,0 +1,322 @@
+"""Running a cell over sequences: `lax.scan`, a static Python loop, or an associative scan.
+
+Every method gives the same numbers; they differ in compile time, run time and memory.
+
+Semantics follow TF1's `dynamic_rnn` / `static_rnn`:
+  * `lengths[b]`: for `t >= lengths[b]` the output is zero and the state is carried
+    through unchanged, so the final state is the state after step `lengths[b] - 1`.
+  * `reverse=True` reverses only the valid prefix of each sequence (like
+    `tf.reverse_sequence`) and puts the outputs back in the original time order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, State
+
+METHODS = ("scan", "static", "associative")
+
+
+def unroll(
+    cell: RNNCell,
+    params: Params,
+    inputs: Array,
+    *,
+    initial_state: Optional[State] = None,
+    lengths: Optional[Array] = None,
+    method: str = "scan",
+    unroll: int = 1,
+    reverse: bool = False,
+    time_major: bool = False,
+    rng: Optional[PRNGKey] = None,
+    remat: bool = False,
+    hoist: bool = True,
+) -> tuple[Array, State]:
+    """Runs `cell` over a batch of sequences.
+
+    Args:
+      cell: the cell; it steps one example and is vmapped over the batch here.
+      params: the cell's params.
+      inputs: `[B, T, I]`, or `[T, B, I]` when `time_major`.
+      initial_state: the batched state (every leaf with a leading `[B]` axis). Default:
+        `cell.initial_state` for every example, drawn with `rng` when given.
+      lengths: optional integer `[B]`, each in `[0, T]`.
+      method: `"scan"` (`jax.lax.scan`), `"static"` (a Python loop: one graph node per
+        step, slow to compile for long sequences) or `"associative"`
+        (`jax.lax.associative_scan`, for cells with a `linear_recurrence`).
+      unroll: steps per loop iteration for `"scan"` (`lax.scan(unroll=...)`).
+      reverse: run from the last valid step to the first.
+      time_major: layout of `inputs` and of the returned outputs.
+      rng: PRNG key for cells with randomness (dropout). `None` is deterministic.
+      remat: wrap the step in `jax.checkpoint` to save memory on long sequences
+        (recomputes the step on the backward pass).
+      hoist: compute the input projection of all steps in one matmul before the loop
+        when the cell allows it. Changes rounding only.
+
+    Returns:
+      `(outputs, final_state)`: outputs `[B, T, O]` (or `[T, B, O]`), zero past each
+      length; `final_state` batched like `initial_state`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"unroll must be a positive integer, got {unroll!r}.")
+    xs = _to_time_major(inputs, time_major)
+    num_steps, batch_size = xs.shape[0], xs.shape[1]
+    lengths = check_lengths(lengths, batch_size, num_steps)
+    if initial_state is None:
+        initial_state = batched_initial_state(cell, params, batch_size, rng)
+    else:
+        _check_batched_state(initial_state, batch_size)
+    _check_step_shapes(cell, params, initial_state, xs)
+
+    if reverse:
+        xs = reverse_sequence(xs, lengths)
+    if method == "associative":
+        from rnnlab.associative import associative_unroll
+
+        ys, final = associative_unroll(cell, params, xs, initial_state, lengths)
+    elif cell.layers is not None:
+        ys, final = _unroll_layerwise(
+            cell.layers, params, xs, initial_state, lengths, method, unroll, remat, hoist
+        )
+    else:
+        ys, final = _unroll_single(cell, params, xs, initial_state, lengths, method, unroll, remat, hoist)
+    if reverse:
+        ys = reverse_sequence(ys, lengths)
+    return (ys if time_major else jnp.swapaxes(ys, 0, 1)), final
+
+
+def _unroll_layerwise(layers, params, xs, initial_state, lengths, method, unroll, remat, hoist):
+    """Runs a stack one layer at a time: each layer reads the whole output of the last."""
+    finals = []
+    for layer, layer_params, layer_state in zip(layers, params, initial_state):
+        xs, final = _unroll_single(layer, layer_params, xs, layer_state, lengths, method, unroll, remat, hoist)
+        finals.append(final)
+    return xs, tuple(finals)
+
+
+def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hoist):
+    """The sequential loop over time-major `xs: [T, B, I]` for one (non-stacked) cell."""
+    if hoist and cell.can_hoist:
+        zs = cell.input_projection(params, xs)
+        step_fn = cell.projected_step
+    else:
+        zs, step_fn = xs, cell.step
+    batched_step = jax.vmap(step_fn, in_axes=(None, 0, 0))
+
+    def body(state, inputs_t):
+        z_t, t = inputs_t
+        new_state, y_t = batched_step(params, state, z_t)
+        if lengths is not None:
+            valid = t < lengths
+            new_state = jax.tree.map(lambda n, o: _where_batch(valid, n, o), new_state, state)
+            y_t = _where_batch(valid, y_t, jnp.zeros_like(y_t))
+        return new_state, y_t
+
+    if remat:
+        body = jax.checkpoint(body)
+    times = jnp.arange(xs.shape[0])
+    if method == "scan":
+        return_state, ys = jax.lax.scan(body, state, (zs, times), unroll=unroll)
+        return ys, return_state
+    outputs = []
+    for t in range(xs.shape[0]):
+        state, y_t = body(state, (zs[t], times[t]))
+        outputs.append(y_t)
+    return jnp.stack(outputs), state
+
+
+def _where_batch(valid: Array, new: Array, old: Array) -> Array:
+    """`where(valid[b], new[b], old[b])` for arrays with a leading batch axis."""
+    return jnp.where(valid.reshape(valid.shape + (1,) * (new.ndim - 1)), new, old)
+
+
+def batched_initial_state(
+    cell: RNNCell, params: Params, batch_size: int, rng: Optional[PRNGKey] = None
+) -> State:
+    """`cell.initial_state` for `batch_size` examples (leaves get a leading `[B]` axis).
+
+    With `rng`, every example gets its own key (e.g. its own dropout masks).
+    """
+    if rng is None:
+        state = cell.initial_state(params)
+        return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (batch_size,) + jnp.shape(leaf)), state)
+    keys = jax.random.split(rng, batch_size)
+    return jax.vmap(lambda key: cell.initial_state(params, key))(keys)
+
+
+def reverse_sequence(xs: Array, lengths: Optional[Array]) -> Array:
+    """Reverses the first `lengths[b]` steps of each sequence, like `tf.reverse_sequence`.
+
+    Args:
+      xs: time-major `[T, B, ...]`.
+      lengths: `[B]` or `None` (reverse everything).
+    Returns:
+      `[T, B, ...]`; steps at `t >= lengths[b]` stay where they are. Applying it twice
+      gives back `xs`.
+    """
+    if lengths is None:
+        return jnp.flip(xs, axis=0)
+    num_steps = xs.shape[0]
+    t = jnp.arange(num_steps)[:, None]  # [T, 1]
+    source = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)  # [T, B]
+    source = source.reshape(source.shape + (1,) * (xs.ndim - 2))
+    return jnp.take_along_axis(xs, source, axis=0)
+
+
+def check_lengths(lengths: Optional[Array], batch_size: int, num_steps: int) -> Optional[Array]:
+    """Validates `lengths` (shape `[B]`, integer, values in `[0, T]`) and returns it as int32.
+
+    Shapes and dtypes are checked at trace time; values are checked when `lengths` is a
+    concrete array (not a tracer inside `jit`).
+    """
+    if lengths is None:
+        return None
+    if isinstance(lengths, (list, tuple)):
+        lengths = np.asarray(lengths)
+    if jnp.shape(lengths) != (batch_size,):
+        raise ValueError(
+            f"lengths must have shape [batch_size]=[{batch_size}], got shape {tuple(jnp.shape(lengths))}."
+        )
+    if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise TypeError(f"lengths must be an integer array, got dtype {jnp.result_type(lengths)}.")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if values.size and (values.min() < 0 or values.max() > num_steps):
+            raise ValueError(
+                f"lengths must lie in [0, T]=[0, {num_steps}], got values from {values.min()} to {values.max()}."
+            )
+    return jnp.asarray(lengths, jnp.int32)
+
+
+def _to_time_major(inputs: Array, time_major: bool) -> Array:
+    if jnp.ndim(inputs) != 3:
+        layout = "[T, B, I]" if time_major else "[B, T, I]"
+        raise ValueError(
+            f"inputs must have rank 3 ({layout}), got shape {tuple(jnp.shape(inputs))}. "
+            "For a single sequence add a batch axis: inputs[None]."
+        )
+    return jnp.asarray(inputs) if time_major else jnp.swapaxes(inputs, 0, 1)
+
+
+def _check_batched_state(state: State, batch_size: int) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != batch_size:
+            raise ValueError(
+                f"initial_state leaf {jax.tree_util.keystr(path)} must have a leading batch axis "
+                f"of size {batch_size}, got shape {tuple(jnp.shape(leaf))}."
+            )
+
+
+def _check_step_shapes(cell: RNNCell, params: Params, state: State, xs: Array) -> None:
+    """Traces one step abstractly so that shape errors surface with the cell's message."""
+    one_state = jax.tree.map(lambda leaf: leaf[0], state)
+    jax.eval_shape(cell.step, params, one_state, xs[0, 0])
+
+
+def init_bidirectional(cell_fw: RNNCell, cell_bw: RNNCell, key: PRNGKey, input_size: int) -> Params:
+    """Params `{"fw": ..., "bw": ...}` for `bidirectional`."""
+    key_fw, key_bw = jax.random.split(key)
+    return {"fw": cell_fw.init(key_fw, input_size), "bw": cell_bw.init(key_bw, input_size)}
+
+
+def bidirectional(
+    cell_fw: RNNCell,
+    cell_bw: RNNCell,
+    params: Params,
+    inputs: Array,
+    *,
+    lengths: Optional[Array] = None,
+    initial_states: tuple[Optional[State], Optional[State]] = (None, None),
+    merge: str = "concat",
+    time_major: bool = False,
+    rng: Optional[PRNGKey] = None,
+    **unroll_kwargs: Any,
+) -> tuple[Any, tuple[State, State]]:
+    """TF1's `bidirectional_dynamic_rnn`: a forward and a backward run over `inputs`.
+
+    The backward run reverses each sequence's valid prefix only, and its outputs are put
+    back in the original time order, so `outputs[:, t]` of both directions refer to
+    step `t`. The backward direction's final state is its state after reading step 0.
+
+    Args:
+      params: `{"fw": ..., "bw": ...}` (see `init_bidirectional`).
+      inputs: `[B, T, I]` (or `[T, B, I]` when `time_major`).
+      merge: `"concat"` gives `[B, T, O_fw + O_bw]`; `"none"` gives the pair `(fw, bw)`.
+      unroll_kwargs: passed to `unroll` (`method`, `unroll`, `remat`, `hoist`).
+
+    Returns:
+      `(outputs, (final_fw, final_bw))`.
+    """
+    if merge not in ("concat", "none"):
+        raise ValueError(f"merge must be 'concat' or 'none', got {merge!r}.")
+    rng_fw, rng_bw = (None, None) if rng is None else tuple(jax.random.split(rng))
+    common = dict(lengths=lengths, time_major=time_major, **unroll_kwargs)
+    ys_fw, final_fw = unroll(cell_fw, params["fw"], inputs, initial_state=initial_states[0], rng=rng_fw, **common)
+    ys_bw, final_bw = unroll(
+        cell_bw, params["bw"], inputs, initial_state=initial_states[1], rng=rng_bw, reverse=True, **common
+    )
+    outputs = jnp.concatenate([ys_fw, ys_bw], axis=-1) if merge == "concat" else (ys_fw, ys_bw)
+    return outputs, (final_fw, final_bw)
+
+
+def init_stacked_bidirectional(
+    cells_fw: list[RNNCell], cells_bw: list[RNNCell], key: PRNGKey, input_size: int
+) -> list[Params]:
+    """Params for `stacked_bidirectional`: one `{"fw", "bw"}` dict per layer.
+
+    Layer `l > 0` reads the concatenation of layer `l-1`'s forward and backward outputs.
+    """
+    _check_layer_lists(cells_fw, cells_bw)
+    params = []
+    for cell_fw, cell_bw, layer_key in zip(cells_fw, cells_bw, jax.random.split(key, len(cells_fw))):
+        params.append(init_bidirectional(cell_fw, cell_bw, layer_key, input_size))
+        input_size = cell_fw.output_size + cell_bw.output_size
+    return params
+
+
+def stacked_bidirectional(
+    cells_fw: list[RNNCell],
+    cells_bw: list[RNNCell],
+    params: list[Params],
+    inputs: Array,
+    *,
+    lengths: Optional[Array] = None,
+    rng: Optional[PRNGKey] = None,
+    **kwargs: Any,
+) -> tuple[Array, tuple[tuple[State, ...], tuple[State, ...]]]:
+    """TF1's `stack_bidirectional_dynamic_rnn`: bidirectional layers, each reading the
+    concatenated forward and backward outputs of the layer below.
+
+    Returns:
+      `(outputs [B, T, O_fw + O_bw] of the last layer, (finals_fw, finals_bw))` with one
+      final state per layer in each tuple.
+    """
+    _check_layer_lists(cells_fw, cells_bw)
+    if len(params) != len(cells_fw):
+        raise ValueError(f"params has {len(params)} layers but the cell lists have {len(cells_fw)}.")
+    rngs = [None] * len(cells_fw) if rng is None else list(jax.random.split(rng, len(cells_fw)))
+    finals_fw, finals_bw = [], []
+    outputs = inputs
+    for cell_fw, cell_bw, layer_params, layer_rng in zip(cells_fw, cells_bw, params, rngs):
+        outputs, (final_fw, final_bw) = bidirectional(
+            cell_fw, cell_bw, layer_params, outputs, lengths=lengths, rng=layer_rng, merge="concat", **kwargs
+        )
+        finals_fw.append(final_fw)
+        finals_bw.append(final_bw)
+    return outputs, (tuple(finals_fw), tuple(finals_bw))
+
+
+def _check_layer_lists(cells_fw: list[RNNCell], cells_bw: list[RNNCell]) -> None:
+    if not cells_fw or not cells_bw:
+        raise ValueError("stacked_bidirectional needs at least one layer in cells_fw and cells_bw.")
+    if len(cells_fw) != len(cells_bw):
+        raise ValueError(
+            f"cells_fw and cells_bw must have the same number of layers, got {len(cells_fw)} and {len(cells_bw)}."
+        )

@@ -1,0 +1,208 @@
+"""Combinators: functions that take cells and return cells.
+
+* `stack`: TF1's `MultiRNNCell`, layers of any cell types and widths.
+* `dropout`: TF1's `DropoutWrapper`, with input/output/state keep probabilities and
+  variational (one mask per sequence) dropout.
+* `residual`: TF1's `ResidualWrapper`, output `x + cell(x)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, State
+
+
+def stack(cells: Sequence[RNNCell]) -> RNNCell:
+    """Stacks cells: layer `l` reads layer `l-1`'s output, the stack outputs the last.
+
+    Params: a tuple with one entry per layer. State: a tuple with one state per layer.
+    `rnnlab.unroll` runs a stack layer by layer, which gives the same numbers as
+    stepping all layers together and lets it hoist every layer's input projection.
+    """
+    cells = tuple(cells)
+    if not cells:
+        raise ValueError("stack needs at least one cell, got an empty sequence.")
+    for index, cell in enumerate(cells):
+        if not isinstance(cell, RNNCell):
+            raise TypeError(f"stack: cells[{index}] must be an RNNCell, got {type(cell).__name__}.")
+    name = "stack(" + ", ".join(cell.name for cell in cells) + ")"
+
+    def init(key: PRNGKey, input_size: int) -> tuple[Params, ...]:
+        params = []
+        for cell, layer_key in zip(cells, jax.random.split(key, len(cells))):
+            params.append(cell.init(layer_key, input_size))
+            input_size = cell.output_size
+        return tuple(params)
+
+    def initial_state(params: Sequence[Params], rng: Optional[PRNGKey] = None) -> tuple[State, ...]:
+        rngs = [None] * len(cells) if rng is None else list(jax.random.split(rng, len(cells)))
+        return tuple(cell.initial_state(p, r) for cell, p, r in zip(cells, params, rngs))
+
+    def steps_above(params, states, y, first_state):
+        new_states = [first_state]
+        for cell, layer_params, layer_state in zip(cells[1:], params[1:], states[1:]):
+            layer_state, y = cell.step(layer_params, layer_state, y)
+            new_states.append(layer_state)
+        return tuple(new_states), y
+
+    def step(params, states, x):
+        first_state, y = cells[0].step(params[0], states[0], x)
+        return steps_above(params, states, y, first_state)
+
+    def input_projection(params, x):
+        return cells[0].input_projection(params[0], x)
+
+    def projected_step(params, states, z):
+        first_state, y = cells[0].projected_step(params[0], states[0], z)
+        return steps_above(params, states, y, first_state)
+
+    hoistable = cells[0].can_hoist
+    return RNNCell(
+        init=init,
+        initial_state=initial_state,
+        step=step,
+        output_size=cells[-1].output_size,
+        name=name,
+        input_projection=input_projection if hoistable else None,
+        projected_step=projected_step if hoistable else None,
+        layers=cells,
+    )
+
+
+class DropoutState(NamedTuple):
+    """State of a `dropout` cell: the wrapped cell's state and the dropout key.
+
+    `key` is `None` in evaluation (no dropout). For variational dropout it stays fixed
+    for the whole sequence, so every step draws the same masks from it.
+    """
+
+    cell: State
+    key: Optional[PRNGKey]
+
+
+def _keep_probability(value: float, name: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a keep probability in (0, 1], got {value!r}.")
+    return float(value)
+
+
+def _drop(key: PRNGKey, x: Array, keep: float) -> Array:
+    """Inverted dropout: keeps each unit with probability `keep` and scales by 1/keep."""
+    if keep == 1.0:
+        return x
+    mask = jax.random.bernoulli(key, keep, jnp.shape(x))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def _drop_state(key: PRNGKey, state: State, keep: float) -> State:
+    """Drops every state leaf except LSTM memory cells (fields named `c`), as TF1 does."""
+    if keep == 1.0:
+        return state
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    dropped = [
+        leaf if _is_memory_cell(path) else _drop(leaf_key, leaf, keep)
+        for (path, leaf), leaf_key in zip(leaves, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, dropped)
+
+
+def _is_memory_cell(path: Any) -> bool:
+    last = path[-1] if path else None
+    return getattr(last, "name", None) == "c"
+
+
+def dropout(
+    cell: RNNCell,
+    *,
+    input_keep: float = 1.0,
+    output_keep: float = 1.0,
+    state_keep: float = 1.0,
+    variational: bool = False,
+) -> RNNCell:
+    """TF1's `DropoutWrapper`: dropout on the cell's input, output and new state.
+
+    Randomness is explicit: `initial_state(params, rng)` stores a key in the state, and
+    `rnnlab.unroll(..., rng=key)` passes one per example. With `rng=None` (evaluation)
+    the wrapper is the identity. Without `variational`, every step draws new masks;
+    with it, every step of a sequence reuses the same masks (Gal & Ghahramani, 2016).
+    State dropout skips LSTM memory cells `c`, like TF1's default state filter.
+
+    Params: the wrapped cell's. State: `DropoutState(cell, key)`.
+    """
+    input_keep = _keep_probability(input_keep, "input_keep")
+    output_keep = _keep_probability(output_keep, "output_keep")
+    state_keep = _keep_probability(state_keep, "state_keep")
+    name = f"dropout({cell.name}, in={input_keep}, out={output_keep}, state={state_keep}" + (
+        ", variational)" if variational else ")"
+    )
+
+    def initial_state(params: Params, rng: Optional[PRNGKey] = None) -> DropoutState:
+        if rng is None:
+            return DropoutState(cell.initial_state(params), None)
+        cell_rng, dropout_rng = jax.random.split(rng)
+        return DropoutState(cell.initial_state(params, cell_rng), dropout_rng)
+
+    def step_keys(key: PRNGKey) -> tuple[PRNGKey, tuple[PRNGKey, PRNGKey, PRNGKey]]:
+        """The key to carry on and the (input, output, state) keys of this step."""
+        if variational:
+            return key, tuple(jax.random.split(key, 3))
+        next_key, *this_step = jax.random.split(key, 4)
+        return next_key, tuple(this_step)
+
+    def wrap(inner_step, drop_input: bool):
+        def wrapped(params: Params, state: DropoutState, x: Array) -> tuple[DropoutState, Array]:
+            if state.key is None:
+                new_cell_state, y = inner_step(params, state.cell, x)
+                return DropoutState(new_cell_state, None), y
+            next_key, (in_key, out_key, state_key) = step_keys(state.key)
+            if drop_input:
+                x = _drop(in_key, x, input_keep)
+            new_cell_state, y = inner_step(params, state.cell, x)
+            new_cell_state = _drop_state(state_key, new_cell_state, state_keep)
+            return DropoutState(new_cell_state, next_key), _drop(out_key, y, output_keep)
+
+        return wrapped
+
+    hoistable = cell.can_hoist and input_keep == 1.0
+    return RNNCell(
+        init=cell.init,
+        initial_state=initial_state,
+        step=wrap(cell.step, drop_input=True),
+        output_size=cell.output_size,
+        name=name,
+        input_projection=cell.input_projection if hoistable else None,
+        projected_step=wrap(cell.projected_step, drop_input=False) if hoistable else None,
+    )
+
+
+def residual(cell: RNNCell) -> RNNCell:
+    """TF1's `ResidualWrapper`: output `x + y`; needs `input_size == cell.output_size`.
+
+    Params and state: the wrapped cell's.
+    """
+    name = f"residual({cell.name})"
+
+    def init(key: PRNGKey, input_size: int) -> Params:
+        if input_size != cell.output_size:
+            raise ValueError(
+                f"{name}: input_size ({input_size}) must equal the cell's output_size "
+                f"({cell.output_size}) to add the input to the output."
+            )
+        return cell.init(key, input_size)
+
+    def step(params: Params, state: State, x: Array) -> tuple[State, Array]:
+        state, y = cell.step(params, state, x)
+        return state, x + y
+
+    return RNNCell(
+        init=init,
+        initial_state=cell.initial_state,
+        step=step,
+        output_size=cell.output_size,
+        name=name,
+    )
