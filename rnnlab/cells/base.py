@@ -41,10 +41,14 @@ class LinearRecurrence(NamedTuple):
       coefficients: `(params, x) -> (a, b)` for ONE time step of one example; `a` and
         `b` have the structure and shape of the state `h` and depend on `x` only.
       readout: `(params, h, x) -> y`, the output at a step from the new state and input.
+      log_coefficients: optional `(params, x) -> (log_a, log_b)`, the logarithms of
+        `coefficients` for cells whose `a` and `b` are positive. When set, the
+        associative unroll scans in log space, which stays accurate over long sequences.
     """
 
     coefficients: Callable[[Params, Array], tuple[Any, Any]]
     readout: Callable[[Params, Any, Array], Array]
+    log_coefficients: Optional[Callable[[Params, Array], tuple[Any, Any]]] = None
 
 
 class RNNCell(NamedTuple):
@@ -112,15 +116,14 @@ def glorot_uniform(key: PRNGKey, shape: tuple[int, ...], dtype=jnp.float32) -> A
     return jax.nn.initializers.glorot_uniform()(key, shape, dtype)
 
 
-def orthogonal(key: PRNGKey, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+def orthogonal(key: PRNGKey, shape: tuple[int, int], num_blocks: int = 1, dtype=jnp.float32) -> Array:
     """Orthogonal init, Keras' default for recurrent kernels (Saxe et al., 2014).
 
-    For a gated kernel `[H, k*H]` each `[H, H]` gate block is orthogonal on its own.
+    A gated kernel `[R, num_blocks * H]` gets one orthogonal `[R, H]` block per gate.
     """
     rows, cols = shape
-    if cols % rows == 0 and cols > rows:
-        blocks = jax.random.split(key, cols // rows)
-        return jnp.concatenate(
-            [jax.nn.initializers.orthogonal()(k, (rows, rows), dtype) for k in blocks], axis=1
-        )
-    return jax.nn.initializers.orthogonal()(key, shape, dtype)
+    if cols % num_blocks:
+        raise ValueError(f"orthogonal: {cols} columns do not split into {num_blocks} blocks.")
+    keys = jax.random.split(key, num_blocks)
+    block_shape = (rows, cols // num_blocks)
+    return jnp.concatenate([jax.nn.initializers.orthogonal()(k, block_shape, dtype) for k in keys], axis=1)

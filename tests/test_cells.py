@@ -1,0 +1,343 @@
+"""The basic RNN, LSTM and GRU cells against the NumPy float64 reference."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpy_reference as ref
+import pytest
+from jax.test_util import check_grads
+
+from rnnlab.cells.gru import gru
+from rnnlab.cells.lstm import LSTMState, lstm
+from rnnlab.cells.rnn import basic_rnn
+
+I, H, P, T, B = 3, 4, 2, 5, 2
+ACTIVATIONS = {"tanh": (jnp.tanh, np.tanh), "softsign": (jax.nn.soft_sign, ref.softsign)}
+
+LSTM_OPTIONS = {
+    "plain": {},
+    "forget_bias0_softsign": dict(forget_bias=0.0, activation="softsign"),
+    "peepholes": dict(peepholes=True),
+    "cell_clip": dict(cell_clip=0.5),
+    "proj": dict(num_proj=P),
+    "proj_clip": dict(num_proj=P, proj_clip=0.2),
+    "peep_proj_clips": dict(peepholes=True, num_proj=P, cell_clip=0.5, proj_clip=0.2),
+    "cifg": dict(coupled_input_forget=True),
+    "cifg_peep": dict(coupled_input_forget=True, peepholes=True),
+    "cifg_peep_proj_clip": dict(
+        coupled_input_forget=True, peepholes=True, num_proj=P, cell_clip=0.2
+    ),
+    "ln": dict(layer_norm=True),
+    "ln_cell": dict(layer_norm=True, layer_norm_cell=True),
+    "ln_cell_proj": dict(layer_norm=True, layer_norm_cell=True, num_proj=P),
+    "ln_all": dict(
+        layer_norm=True,
+        layer_norm_cell=True,
+        peepholes=True,
+        coupled_input_forget=True,
+        cell_clip=0.5,
+        num_proj=P,
+        proj_clip=0.2,
+    ),
+}
+GRU_OPTIONS = {
+    "tf1": {},
+    "tf1_softsign": dict(activation="softsign"),
+    "reset_after": dict(reset_after=True),
+    "reset_after_bias": dict(reset_after=True, gate_bias_init=0.5),
+}
+
+
+def _split_activation(options: dict) -> tuple[dict, dict]:
+    """`(rnnlab kwargs, reference kwargs)` with the activation name resolved."""
+    jax_act, np_act = ACTIVATIONS[options.get("activation", "tanh")]
+    return {**options, "activation": jax_act}, {**options, "activation": np_act}
+
+
+def _make(family: str, options: dict):
+    """`(cell, reference step)` for a cell family and its options."""
+    cell_kwargs, ref_kwargs = _split_activation(options)
+    if family == "lstm":
+        return lstm(H, **cell_kwargs), functools.partial(ref.lstm_step, **ref_kwargs)
+    if family == "gru":
+        ref_kwargs.pop("gate_bias_init", None)  # init only: `_params` perturbs the biases
+        return gru(H, **cell_kwargs), functools.partial(ref.gru_step, **ref_kwargs)
+    return basic_rnn(H, cell_kwargs["activation"]), functools.partial(
+        ref.basic_rnn_step, activation=ref_kwargs["activation"]
+    )
+
+
+def _params(cell, seed: int = 0) -> dict:
+    """`cell.init` params with every vector (bias, peephole, gain, shift) perturbed."""
+    params = cell.init(jax.random.PRNGKey(seed), I)
+    rng = np.random.default_rng(seed)
+    return {
+        k: v + jnp.asarray(rng.normal(0.0, 0.5, v.shape), v.dtype) if v.ndim == 1 else v
+        for k, v in params.items()
+    }
+
+
+def _inputs(seed: int = 1, shape: tuple[int, ...] = (T, I), scale: float = 2.0) -> np.ndarray:
+    return (scale * np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
+
+
+def _run_cell(cell, params, xs):
+    """Steps the jitted cell over `xs: [T, I]`; returns `(states, outputs)`."""
+    step = jax.jit(cell.step)
+    state = cell.initial_state(params)
+    states, outputs = [], []
+    for x in xs:
+        state, y = step(params, state, x)
+        states.append(state)
+        outputs.append(y)
+    return states, np.stack(outputs)
+
+
+def _plain(state):
+    """An `LSTMState` as the reference's `(c, h)` tuple; other states unchanged."""
+    return tuple(state) if isinstance(state, LSTMState) else state
+
+
+def _run_reference(cell, ref_step, params, xs):
+    init_state = jax.tree_util.tree_map(
+        lambda a: np.asarray(a, np.float64), _plain(cell.initial_state(params))
+    )
+    return ref.run(ref_step, ref.to_float64(params), init_state, xs)
+
+
+def _assert_matches_reference(family: str, options: dict) -> None:
+    cell, ref_step = _make(family, options)
+    params, xs = _params(cell), _inputs()
+    states, ys = _run_cell(cell, params, xs)
+    ref_states, ref_ys = _run_reference(cell, ref_step, params, xs)
+    assert ys.dtype == np.float32
+    np.testing.assert_allclose(ys, ref_ys, rtol=1e-5, atol=1e-6)
+    for state, ref_state in zip(states, ref_states, strict=True):
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+            _plain(state),
+            ref_state,
+        )
+
+
+def test_basic_rnn_matches_reference():
+    _assert_matches_reference("rnn", {})
+
+
+@pytest.mark.parametrize("options", LSTM_OPTIONS.values(), ids=LSTM_OPTIONS.keys())
+def test_lstm_matches_reference(options):
+    _assert_matches_reference("lstm", options)
+
+
+@pytest.mark.parametrize("options", GRU_OPTIONS.values(), ids=GRU_OPTIONS.keys())
+def test_gru_matches_reference(options):
+    _assert_matches_reference("gru", options)
+
+
+CLIPS = [
+    (name, clip)
+    for name, options in LSTM_OPTIONS.items()
+    for clip in ("cell_clip", "proj_clip")
+    if clip in options
+]
+
+
+@pytest.mark.parametrize("config, clip", CLIPS, ids=[f"{n}-{c}" for n, c in CLIPS])
+def test_lstm_clips_bind(config, clip):
+    """Each clip in the configs above binds: without it the clipped value (c or the
+    projected output) exceeds the clip; with it, it reaches the clip."""
+    options = LSTM_OPTIONS[config]
+    cell, ref_step = _make("lstm", options)
+    unclipped_cell, unclipped_ref = _make("lstm", {**options, clip: None})
+    params, xs = _params(cell), _inputs()
+    clipped_states, _ = _run_reference(cell, ref_step, params, xs)
+    unclipped_states, _ = _run_reference(unclipped_cell, unclipped_ref, params, xs)
+    field = 0 if clip == "cell_clip" else 1
+    clipped = np.abs([s[field] for s in clipped_states]).max()
+    unclipped = np.abs([s[field] for s in unclipped_states]).max()
+    assert unclipped > 1.2 * options[clip]
+    np.testing.assert_allclose(clipped, options[clip])
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("rnn", {}),
+        ("lstm", LSTM_OPTIONS["peep_proj_clips"]),
+        ("lstm", LSTM_OPTIONS["ln_all"]),
+        ("lstm", LSTM_OPTIONS["ln_cell_proj"]),
+        ("gru", GRU_OPTIONS["tf1"]),
+        ("gru", GRU_OPTIONS["reset_after"]),
+    ],
+    ids=["rnn", "lstm_peep_proj_clips", "lstm_ln_all", "lstm_ln_cell_proj", "gru", "gru_ra"],
+)
+def test_step_equals_projected_step_with_leading_axes(family, options):
+    cell, _ = _make(family, options)
+    params = _params(cell)
+    xs = _inputs(shape=(T, B, I))
+    z = jax.jit(cell.input_projection)(params, xs)
+    assert z.shape[:2] == (T, B)
+    np.testing.assert_allclose(z[2, 1], cell.input_projection(params, xs[2, 1]), rtol=1e-6)
+
+    step = jax.jit(jax.vmap(cell.step, in_axes=(None, 0, 0)))
+    projected_step = jax.jit(jax.vmap(cell.projected_step, in_axes=(None, 0, 0)))
+    state = projected_state = jax.vmap(lambda _: cell.initial_state(params))(jnp.arange(B))
+    for t in range(T):
+        state, y = step(params, state, xs[t])
+        projected_state, projected_y = projected_step(params, projected_state, z[t])
+        assert y.shape == (B, cell.output_size)
+        np.testing.assert_allclose(projected_y, y, rtol=1e-6, atol=1e-7)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        projected_state,
+        state,
+    )
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("lstm", LSTM_OPTIONS["peep_proj_clips"]),
+        ("lstm", LSTM_OPTIONS["ln_all"]),
+        ("gru", GRU_OPTIONS["tf1"]),
+        ("gru", GRU_OPTIONS["reset_after"]),
+    ],
+    ids=["lstm_peep_proj_clips", "lstm_ln_all", "gru", "gru_ra"],
+)
+def test_gradients(family, options):
+    """Reverse-mode gradients w.r.t. params and inputs match finite differences."""
+    cell, _ = _make(family, options)
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), _params(cell))
+        xs = jnp.asarray(_inputs(shape=(3, I), scale=1.0), jnp.float64)
+
+        @jax.jit
+        def run(params, xs):
+            state = cell.initial_state(params)
+            for x in xs:
+                state, _ = cell.step(params, state, x)
+            return state
+
+        check_grads(run, (params, xs), order=1, modes=["rev"])
+
+
+def test_lstm_param_shapes():
+    cell = lstm(H, peepholes=True, num_proj=P, layer_norm=True, layer_norm_cell=True)
+    shapes = {k: v.shape for k, v in cell.init(jax.random.PRNGKey(0), I).items()}
+    assert shapes == {
+        "w_x": (I, 4 * H),
+        "w_h": (P, 4 * H),
+        "ln_scale": (4 * H,),
+        "ln_shift": (4 * H,),
+        "ln_cell_scale": (H,),
+        "ln_cell_shift": (H,),
+        "w_i_diag": (H,),
+        "w_f_diag": (H,),
+        "w_o_diag": (H,),
+        "w_proj": (H, P),
+    }
+    cifg = lstm(H, peepholes=True, coupled_input_forget=True)
+    shapes = {k: v.shape for k, v in cifg.init(jax.random.PRNGKey(0), I).items()}
+    assert shapes == {
+        "w_x": (I, 3 * H),
+        "w_h": (H, 3 * H),
+        "b": (3 * H,),
+        "w_f_diag": (H,),
+        "w_o_diag": (H,),
+    }
+
+
+def test_lstm_init_is_orthogonal_per_gate_block():
+    params = lstm(H, num_proj=P).init(jax.random.PRNGKey(0), I)
+    for k in range(4):
+        block = params["w_h"][:, k * H : (k + 1) * H]  # [P, H]
+        np.testing.assert_allclose(block @ block.T, np.eye(P), atol=1e-5)
+    np.testing.assert_array_equal(params["b"], 0.0)
+
+
+@pytest.mark.parametrize(
+    "reset_after, gate_bias_init, expected",
+    [(False, None, 1.0), (True, None, 0.0), (True, 2.0, 2.0)],
+)
+def test_gru_init(reset_after, gate_bias_init, expected):
+    params = gru(H, reset_after=reset_after, gate_bias_init=gate_bias_init).init(
+        jax.random.PRNGKey(0), I
+    )
+    assert {k: v.shape for k, v in params.items()} == {
+        "w_x": (I, 3 * H),
+        "w_h": (H, 3 * H),
+        "b": (3 * H,),
+        **({"b_h": (3 * H,)} if reset_after else {}),
+    }
+    np.testing.assert_array_equal(params["b"][: 2 * H], expected)
+    np.testing.assert_array_equal(params["b"][2 * H :], 0.0)
+    for k in range(3):
+        block = params["w_h"][:, k * H : (k + 1) * H]
+        np.testing.assert_allclose(block @ block.T, np.eye(H), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cell, state_shapes",
+    [
+        (lstm(H), ((H,), (H,))),
+        (lstm(H, num_proj=P), ((H,), (P,))),
+        (gru(H), (H,)),
+        (basic_rnn(H), (H,)),
+    ],
+    ids=["lstm", "lstm_proj", "gru", "rnn"],
+)
+def test_initial_state_and_output_size(cell, state_shapes):
+    params = cell.init(jax.random.PRNGKey(0), I)
+    state = cell.initial_state(params)
+    if isinstance(state, LSTMState):
+        assert (state.c.shape, state.h.shape) == state_shapes
+        assert cell.output_size == state_shapes[1][0]
+    else:
+        assert state.shape == state_shapes
+        assert cell.output_size == H
+    assert all(np.all(a == 0) for a in jax.tree_util.tree_leaves(state))
+
+
+@pytest.mark.parametrize("factory", [lstm, gru, basic_rnn])
+def test_step_rejects_bad_input(factory):
+    cell = factory(H)
+    params = cell.init(jax.random.PRNGKey(0), I)
+    state = cell.initial_state(params)
+    with pytest.raises(ValueError, match="input_size=3"):
+        cell.step(params, state, jnp.zeros(I + 1))
+    with pytest.raises(ValueError, match=r"shape \[input_size\]"):
+        cell.step(params, state, jnp.zeros((B, I)))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: lstm(0), "num_units"),
+        (lambda: lstm(-2), "num_units"),
+        (lambda: lstm(2.0), "num_units"),
+        (lambda: gru(0), "num_units"),
+        (lambda: lstm(H, num_proj=0), "num_proj"),
+        (lambda: lstm(H, proj_clip=1.0), "needs num_proj"),
+        (lambda: lstm(H, cell_clip=-1.0), "cell_clip must be a positive"),
+        (lambda: lstm(H, num_proj=P, proj_clip=-1.0), "proj_clip must be a positive"),
+        (lambda: lstm(H, layer_norm_cell=True), "requires layer_norm"),
+        (lambda: gru(H, gate_bias_init="one"), "gate_bias_init"),
+        (lambda: lstm(H).init(jax.random.PRNGKey(0), 0), "input_size"),
+    ],
+)
+def test_invalid_configurations_raise(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_names():
+    assert lstm(8).name == "lstm(8)"
+    assert (
+        lstm(8, peepholes=True, num_proj=4, cell_clip=3, proj_clip=1.0).name
+        == "lstm(8, peepholes, proj=4, cell_clip=3.0, proj_clip=1.0)"
+    )
+    assert gru(8, reset_after=True).name == "gru(8, reset_after)"
