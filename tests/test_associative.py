@@ -1,0 +1,266 @@
+"""Linear-recurrence cells (minGRU, minLSTM, LRU) and `unroll(method="associative")`."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rnnlab
+from rnnlab.cells import basic_rnn
+from rnnlab.cells.linear import lru, lru_eigenvalues, min_gru, min_lstm
+
+B, T = 4, 7
+LENGTHS = np.array([0, T, 3, 5], np.int32)
+TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+# name -> (cell factory, input size); the LRU's skip term needs input size == num_units.
+CELLS = {
+    "min_gru": (lambda: min_gru(6), 4),
+    "min_lstm": (lambda: min_lstm(6), 4),
+    "lru": (lambda: lru(6, 5, r_min=0.5, r_max=0.99), 6),
+}
+
+
+def _setup(name: str, seed: int = 0, num_steps: int = T, batch_size: int = B):
+    """The cell, its params, inputs `[B, T, I]` and a random (nonzero, signed) initial state."""
+    make_cell, input_size = CELLS[name]
+    cell = make_cell()
+    k_params, k_xs, k_state = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = cell.init(k_params, input_size)
+    xs = jax.random.normal(k_xs, (batch_size, num_steps, input_size))
+    return cell, params, xs, _random_state(cell, params, k_state, batch_size)
+
+
+def _random_state(cell, params, key, batch_size):
+    zeros = rnnlab.batched_initial_state(cell, params, batch_size)
+    leaves, treedef = jax.tree.flatten(zeros)
+    keys = jax.random.split(key, len(leaves))
+    random = []
+    for leaf, leaf_key in zip(leaves, keys):
+        k_re, k_im = jax.random.split(leaf_key)
+        value = jax.random.normal(k_re, leaf.shape)
+        if jnp.iscomplexobj(leaf):
+            value = value + 1j * jax.random.normal(k_im, leaf.shape)
+        random.append(value.astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, random)
+
+
+def _assert_trees_close(actual, expected, **tolerance):
+    jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), **tolerance), actual, expected)
+
+
+def _squared_norm(tree) -> jax.Array:
+    return sum(jnp.sum(jnp.real(leaf * jnp.conj(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+# -- the methods agree ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+@pytest.mark.parametrize("name", CELLS)
+def test_associative_matches_scan_and_static(name, with_lengths, reverse):
+    cell, params, xs, h0 = _setup(name)
+    lengths = LENGTHS if with_lengths else None
+    run = lambda **kw: rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=lengths, reverse=reverse, **kw)
+    ys, final = run(method="associative")
+    for kwargs in [dict(method="scan"), dict(method="static"), dict(method="scan", hoist=False)]:
+        ys_ref, final_ref = run(**kwargs)
+        _assert_trees_close(ys, ys_ref, **TOLERANCE)
+        _assert_trees_close(final, final_ref, **TOLERANCE)
+    if with_lengths:
+        np.testing.assert_array_equal(np.asarray(ys[0]), 0.0)  # lengths[0] == 0
+        _assert_trees_close(jax.tree.map(lambda h: h[0], final), jax.tree.map(lambda h: h[0], h0))
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_two_layer_stack(name):
+    make_cell, input_size = CELLS[name]
+    cell = rnnlab.stack([make_cell(), make_cell()])
+    params = cell.init(jax.random.PRNGKey(1), input_size)
+    xs = jax.random.normal(jax.random.PRNGKey(2), (B, T, input_size))
+    h0 = _random_state(cell, params, jax.random.PRNGKey(3), B)
+    ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=LENGTHS, method="associative")
+    ys_ref, final_ref = rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=LENGTHS, method="scan")
+    assert isinstance(final, tuple) and len(final) == 2
+    _assert_trees_close(ys, ys_ref, **TOLERANCE)
+    _assert_trees_close(final, final_ref, **TOLERANCE)
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_gradients_match_scan(name):
+    cell, params, xs, h0 = _setup(name, seed=4)
+
+    def loss(params, xs, h0, method):
+        ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method)
+        return jnp.sum(jnp.sin(ys)) + _squared_norm(final)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    grads, grads_ref = grad(params, xs, h0, "associative"), grad(params, xs, h0, "scan")
+    _assert_trees_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_step_continues_an_associative_unroll(name):
+    """Generation: `cell.step` from the associative state after `T − 1` steps gives the
+    output of step `T − 1` of the full associative unroll."""
+    cell, params, xs, h0 = _setup(name, seed=5)
+    ys, _ = rnnlab.unroll(cell, params, xs, initial_state=h0, method="associative")
+    prefix = np.full((B,), T - 1, np.int32)
+    _, state = rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=prefix, method="associative")
+    _, y_last = jax.vmap(cell.step, in_axes=(None, 0, 0))(params, state, xs[:, T - 1])
+    np.testing.assert_allclose(np.asarray(y_last), np.asarray(ys[:, T - 1]), **TOLERANCE)
+
+
+@pytest.mark.parametrize("name", ["min_gru", "min_lstm"])
+def test_log_coefficients_are_logs_of_coefficients(name):
+    cell, params, xs, _ = _setup(name)
+    recurrence = cell.linear_recurrence
+    x = 3.0 * xs[0, 0]
+    log_a, log_b = recurrence.log_coefficients(params, x)
+    _assert_trees_close((jnp.exp(log_a), jnp.exp(log_b)), recurrence.coefficients(params, x), **TOLERANCE)
+
+
+# -- float64 NumPy references written from the papers' equations ----------------------
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def _g(v):
+    return np.where(v >= 0, v + 0.5, _sigmoid(v))
+
+
+def _reference_min_gru(p, xs, h):
+    """minGRU: z = σ(W_z x + b_z), h̃ = g(W_h x + b_h), h = (1 − z) h + z h̃; y = h."""
+    size = h.shape[0]
+    w_z, w_h, b_z, b_h = p["w_x"][:, :size], p["w_x"][:, size:], p["b"][:size], p["b"][size:]
+    ys = []
+    for x in xs:
+        z = _sigmoid(x @ w_z + b_z)
+        h = (1 - z) * h + z * _g(x @ w_h + b_h)
+        ys.append(h)
+    return np.stack(ys), h
+
+
+def _reference_min_lstm(p, xs, h):
+    """minLSTM: f, i = σ(·), f' = f/(f+i), i' = i/(f+i), h = f' h + i' g(W_h x + b_h)."""
+    size = h.shape[0]
+    w, b = p["w_x"], p["b"]
+    ys = []
+    for x in xs:
+        f = _sigmoid(x @ w[:, :size] + b[:size])
+        i = _sigmoid(x @ w[:, size : 2 * size] + b[size : 2 * size])
+        h = f / (f + i) * h + i / (f + i) * _g(x @ w[:, 2 * size :] + b[2 * size :])
+        ys.append(h)
+    return np.stack(ys), h
+
+
+def _reference_lru(p, xs, h):
+    """LRU: h = λ h + γ (B x), y = Re(C h) + D x, λ = exp(−exp(ν) + i exp(θ)), γ = exp(γ_log)."""
+    lam = np.exp(-np.exp(p["nu_log"]) + 1j * np.exp(p["theta_log"]))
+    b = (p["B_re"] + 1j * p["B_im"]) * np.exp(p["gamma_log"])
+    c = p["C_re"] + 1j * p["C_im"]
+    ys = []
+    for x in xs:
+        h = lam * h + x @ b
+        ys.append((h @ c).real + p["D"] * x)
+    return np.stack(ys), h
+
+
+REFERENCES = {"min_gru": _reference_min_gru, "min_lstm": _reference_min_lstm, "lru": _reference_lru}
+
+
+def _reference_unroll(name, params, xs, h0):
+    """The reference over each example of `xs: [B, T, I]` in float64."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    h0 = np.asarray(h0).astype(np.complex128 if np.iscomplexobj(h0) else np.float64)
+    results = [REFERENCES[name](p, np.asarray(x, np.float64), h) for x, h in zip(xs, h0)]
+    return np.stack([ys for ys, _ in results]), np.stack([h for _, h in results])
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_matches_numpy_reference(name):
+    cell, params, xs, h0 = _setup(name, seed=6)
+    ys, final = rnnlab.unroll(cell, params, 2.0 * xs, initial_state=h0, method="associative")
+    ys_ref, final_ref = _reference_unroll(name, params, 2.0 * xs, h0)
+    np.testing.assert_allclose(np.asarray(ys), ys_ref, **TOLERANCE)
+    np.testing.assert_allclose(np.asarray(final), final_ref, **TOLERANCE)
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_long_sequence_is_stable(name):
+    """T = 10k: outputs match float64 and are finite, and so are the gradients."""
+    num_steps = 10_000
+    cell, params, xs, h0 = _setup(name, seed=7, num_steps=num_steps, batch_size=1)
+    xs = 3.0 * xs  # saturating gates: a_t near 0 and near 1
+
+    def loss(params):
+        ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, method="associative")
+        return jnp.mean(ys**2) + _squared_norm(final), ys
+
+    (value, ys), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    ys_ref, _ = _reference_unroll(name, params, xs, h0)
+    np.testing.assert_allclose(np.asarray(ys), ys_ref, rtol=1e-4, atol=1e-4)
+    assert np.isfinite(float(value))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+# -- the LRU --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r_min, r_max, max_phase", [(0.0, 1.0, 2 * math.pi), (0.4, 0.9, math.pi / 3)])
+def test_lru_ring_initialisation(r_min, r_max, max_phase):
+    params = lru(3, 4000, r_min=r_min, r_max=r_max, max_phase=max_phase).init(jax.random.PRNGKey(8), 3)
+    lam = np.asarray(lru_eigenvalues(params))
+    radius, phase = np.abs(lam), np.exp(np.asarray(params["theta_log"]))
+    assert r_min <= radius.min() and radius.max() <= r_max
+    assert 0.0 <= phase.min() and phase.max() <= max_phase
+    # Uniform on the ring: |λ|² is uniform in [r_min², r_max²].
+    np.testing.assert_allclose(np.mean(radius**2), (r_min**2 + r_max**2) / 2, atol=0.02)
+    np.testing.assert_allclose(np.mean(phase), max_phase / 2, rtol=0.05)
+    # γ = sqrt(1 − |λ|²), with 1 − |λ|² = −expm1(−2 exp(ν_log)) in float64.
+    one_minus_squared_radius = -np.expm1(-2 * np.exp(np.asarray(params["nu_log"], np.float64)))
+    np.testing.assert_allclose(np.exp(np.asarray(params["gamma_log"])), np.sqrt(one_minus_squared_radius), rtol=1e-4)
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(params))
+
+
+def test_lru_complex_state_under_dropout():
+    cell, params, xs, _ = _setup("lru")
+    cell = rnnlab.dropout(cell, state_keep=0.8, output_keep=0.9)
+    ys, final = rnnlab.unroll(cell, params, xs, lengths=LENGTHS, rng=jax.random.PRNGKey(11))
+    assert final.cell.dtype == jnp.complex64 and ys.dtype == jnp.float32
+    assert np.isfinite(np.asarray(ys)).all()
+
+
+def test_lru_argument_errors():
+    with pytest.raises(ValueError, match="r_min"):
+        lru(4, 3, r_min=0.9, r_max=0.5)
+    with pytest.raises(ValueError, match="max_phase"):
+        lru(4, 3, max_phase=0.0)
+    with pytest.raises(ValueError, match="input_size"):
+        lru(4, 3).init(jax.random.PRNGKey(0), 5)
+
+
+# -- cells that are not linear recurrences --------------------------------------------
+
+
+def _trace_associative_unroll(cell) -> None:
+    """Traces `unroll(method="associative")` without compiling anything."""
+    xs = jnp.zeros((2, 5, 3))
+    jax.eval_shape(lambda: rnnlab.unroll(cell, cell.init(jax.random.PRNGKey(0), 3), xs, method="associative"))
+
+
+def test_nonlinear_cell_raises():
+    with pytest.raises(ValueError, match=r"basic_rnn\(4\) is not a linear recurrence; use method='scan'"):
+        _trace_associative_unroll(basic_rnn(4))
+
+
+def test_stack_with_a_nonlinear_layer_raises():
+    with pytest.raises(ValueError, match=r"layer 1: basic_rnn\(4\) is not a linear recurrence"):
+        _trace_associative_unroll(rnnlab.stack([min_gru(4), basic_rnn(4)]))
