@@ -70,7 +70,9 @@ def _check_linear(cell: RNNCell, where: str = "") -> None:
         )
 
 
-def _unroll(cell: RNNCell, params: Params, xs: Array, state: State, lengths: Optional[Array]) -> tuple[Array, State]:
+def _unroll(
+    cell: RNNCell, params: Params, xs: Array, state: State, lengths: Optional[Array]
+) -> tuple[Array, State]:
     if cell.layers is None:
         return _unroll_linear(cell.linear_recurrence, params, xs, state, lengths)
     finals = []
@@ -108,7 +110,9 @@ def _all_steps(fn, params: Params, xs: Array) -> tuple[Any, Any]:
 
 def _where_valid(valid: Array, tree: Any, fill: float) -> Any:
     """Each leaf `[T, B, ...]` at `[t, b]` where `valid[t, b]`, else `fill`."""
-    return jax.tree.map(lambda leaf: jnp.where(valid.reshape(valid.shape + (1,) * (leaf.ndim - 2)), leaf, fill), tree)
+    return jax.tree.map(
+        lambda leaf: jnp.where(valid.reshape(valid.shape + (1,) * (leaf.ndim - 2)), leaf, fill), tree
+    )
 
 
 def _states(a: Array, b: Array, h0: Array) -> Array:

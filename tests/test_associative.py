@@ -50,7 +50,8 @@ def _random_state(cell, params, key, batch_size):
 
 
 def _assert_trees_close(actual, expected, **tolerance):
-    jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), **tolerance), actual, expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), **tolerance)
 
 
 def _squared_norm(tree) -> jax.Array:
@@ -66,7 +67,10 @@ def _squared_norm(tree) -> jax.Array:
 def test_associative_matches_scan_and_static(name, with_lengths, reverse):
     cell, params, xs, h0 = _setup(name)
     lengths = LENGTHS if with_lengths else None
-    run = lambda **kw: rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=lengths, reverse=reverse, **kw)
+
+    def run(**kwargs):
+        return rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=lengths, reverse=reverse, **kwargs)
+
     ys, final = run(method="associative")
     for kwargs in [dict(method="scan"), dict(method="static"), dict(method="scan", hoist=False)]:
         ys_ref, final_ref = run(**kwargs)
@@ -102,6 +106,20 @@ def test_gradients_match_scan(name):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
     grads, grads_ref = grad(params, xs, h0, "associative"), grad(params, xs, h0, "scan")
     _assert_trees_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["min_gru", "min_lstm"])
+def test_forward_mode_matches_scan(name):
+    """The log-space scan's custom JVP: `jax.jvp` works and matches `method="scan"`."""
+    cell, params, xs, h0 = _setup(name, seed=12)
+    direction = jax.random.normal(jax.random.PRNGKey(13), xs.shape)
+
+    def outputs(method):
+        return lambda xs: rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method)[0]
+
+    _, tangent = jax.jvp(outputs("associative"), (xs,), (direction,))
+    _, tangent_ref = jax.jvp(outputs("scan"), (xs,), (direction,))
+    np.testing.assert_allclose(np.asarray(tangent), np.asarray(tangent_ref), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -226,7 +244,8 @@ def test_lru_ring_initialisation(r_min, r_max, max_phase):
     np.testing.assert_allclose(np.mean(phase), max_phase / 2, rtol=0.05)
     # γ = sqrt(1 − |λ|²), with 1 − |λ|² = −expm1(−2 exp(ν_log)) in float64.
     one_minus_squared_radius = -np.expm1(-2 * np.exp(np.asarray(params["nu_log"], np.float64)))
-    np.testing.assert_allclose(np.exp(np.asarray(params["gamma_log"])), np.sqrt(one_minus_squared_radius), rtol=1e-4)
+    gamma = np.exp(np.asarray(params["gamma_log"]))
+    np.testing.assert_allclose(gamma, np.sqrt(one_minus_squared_radius), rtol=1e-4)
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(params))
 
 

@@ -230,7 +230,9 @@ def lru(
     num_units = check_positive_int(num_units, "num_units")
     state_size = check_positive_int(state_size, "state_size")
     if not 0.0 <= r_min <= r_max <= 1.0 or r_min == 1.0:
-        raise ValueError(f"lru needs 0 <= r_min <= r_max <= 1 and r_min < 1, got r_min={r_min!r}, r_max={r_max!r}.")
+        raise ValueError(
+            f"lru needs 0 <= r_min <= r_max <= 1 and r_min < 1, got r_min={r_min!r}, r_max={r_max!r}."
+        )
     if not max_phase > 0.0:
         raise ValueError(f"lru needs max_phase > 0, got {max_phase!r}.")
     name = f"lru({num_units}, state_size={state_size}, r=[{r_min:g}, {r_max:g}], max_phase={max_phase:.4g})"
