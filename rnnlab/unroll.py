@@ -52,7 +52,9 @@ def unroll(
       unroll: steps per loop iteration for `"scan"` (`lax.scan(unroll=...)`).
       reverse: run from the last valid step to the first.
       time_major: layout of `inputs` and of the returned outputs.
-      rng: PRNG key for cells with randomness (dropout). `None` is deterministic.
+      rng: PRNG key for cells with randomness (dropout), used to draw the initial
+        state; `None` is deterministic. Random cells keep their keys in the state, so
+        with `initial_state` (e.g. carried across windows) pass no `rng`.
       remat: wrap the step in `jax.checkpoint` to save memory on long sequences
         (recomputes the step on the backward pass).
       hoist: compute the input projection of all steps in one matmul before the loop
@@ -71,6 +73,11 @@ def unroll(
     lengths = check_lengths(lengths, batch_size, num_steps)
     if initial_state is None:
         initial_state = batched_initial_state(cell, params, batch_size, rng)
+    elif rng is not None:
+        raise ValueError(
+            "rng draws the initial state (e.g. dropout keys), so pass either rng or "
+            "initial_state; build a state with keys with batched_initial_state(..., rng)."
+        )
     else:
         _check_batched_state(initial_state, batch_size)
     _check_step_shapes(cell, params, initial_state, xs)
@@ -122,7 +129,7 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
     if remat:
         body = jax.checkpoint(body)
     times = jnp.arange(xs.shape[0])
-    if method == "scan":
+    if method == "scan" or xs.shape[0] == 0:  # zero steps: scan gives [0, B, O] outputs
         return_state, ys = jax.lax.scan(body, state, (zs, times), unroll=unroll)
         return ys, return_state
     outputs = []
@@ -216,8 +223,8 @@ def _check_batched_state(state: State, batch_size: int) -> None:
 
 def _check_step_shapes(cell: RNNCell, params: Params, state: State, xs: Array) -> None:
     """Traces one step abstractly so that shape errors surface with the cell's message."""
-    one_state = jax.tree.map(lambda leaf: leaf[0], state)
-    jax.eval_shape(cell.step, params, one_state, xs[0, 0])
+    one_state = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf)[1:], leaf.dtype), state)
+    jax.eval_shape(cell.step, params, one_state, jax.ShapeDtypeStruct(xs.shape[2:], xs.dtype))
 
 
 def init_bidirectional(cell_fw: RNNCell, cell_bw: RNNCell, key: PRNGKey, input_size: int) -> Params:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
@@ -85,7 +86,7 @@ class DropoutState(NamedTuple):
 
 
 def _keep_probability(value: float, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be a keep probability in (0, 1], got {value!r}.")
     return float(value)
 

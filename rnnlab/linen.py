@@ -1,0 +1,188 @@
+"""Flax `linen` adapters: use any rnnlab cell inside a `flax.linen` model.
+
+    import flax.linen as nn
+    import rnnlab
+    from rnnlab.linen import RNN
+
+    class Classifier(nn.Module):
+        @nn.compact
+        def __call__(self, x, lengths, train: bool):
+            cell = rnnlab.dropout(rnnlab.cells.lstm(64), output_keep=0.8)
+            ys, final = RNN(cell, return_state=True)(x, lengths=lengths, deterministic=not train)
+            return nn.Dense(10)(final.cell.h)
+
+    variables = Classifier().init(key, x, lengths, train=False)
+    logits = Classifier().apply(variables, x, lengths, train=True, rngs={"dropout": key})
+
+The modules are thin: the cell's params pytree (exactly what `cell.init` returns) is
+ONE Flax parameter, `"cell"` (`"fw"` and `"bw"` for `Bidirectional`), and the call is
+`rnnlab.unroll` / `rnnlab.bidirectional` with those params, so
+`module.apply(variables, x)` equals
+`rnnlab.unroll(cell, variables["params"]["cell"], x)[0]`.
+
+Randomness: a cell draws random numbers (dropout) only when its `initial_state` gets a
+key. When `deterministic` is false the modules take that key from Flax's `"dropout"`
+RNG stream (`self.make_rng("dropout")`); when true, or when the cell has no randomness
+at all, they pass `rng=None`, and `deterministic` may then be left out. As with
+`flax.linen.Dropout`, `deterministic` is given either to the constructor or at call
+time, not both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+
+from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, State
+from rnnlab.unroll import bidirectional as _bidirectional
+from rnnlab.unroll import unroll as _unroll
+
+
+def uses_randomness(cell: RNNCell, params: Params) -> bool:
+    """Whether `cell` draws random numbers, i.e. keeps something of an rng in its state.
+
+    By the cell contract the only way randomness reaches `cell.step` is through the state
+    built by `initial_state(params, rng)`; `rnnlab.dropout` stores a key there and `None`
+    without one. So a cell is random iff its initial state's structure depends on
+    whether a key is given. Evaluated abstractly (`jax.eval_shape`): costs no compute.
+    """
+    key = jax.random.PRNGKey(0)
+    with_key = jax.eval_shape(lambda p, k: cell.initial_state(p, k), params, key)
+    without_key = jax.eval_shape(lambda p: cell.initial_state(p), params)
+    return jax.tree.structure(with_key) != jax.tree.structure(without_key)
+
+
+class _RNNBase(nn.Module):
+    """Helpers shared by `RNN` and `Bidirectional` (no fields of its own, so that each
+    subclass lists its cells first and can be built as `RNN(cell, ...)`). Subclasses
+    define `method`, `unroll`, `remat`, `hoist` and `deterministic`."""
+
+    def _rng(self, cells_and_params: list[tuple[RNNCell, Params]], deterministic: Optional[bool]) -> Optional[PRNGKey]:
+        """`make_rng("dropout")` for random cells in training, else `None`."""
+        if not any(uses_randomness(cell, params) for cell, params in cells_and_params):
+            return None
+        if nn.merge_param("deterministic", self.deterministic, deterministic):
+            return None
+        return self.make_rng("dropout")
+
+    def _unroll_options(self) -> dict[str, Any]:
+        return dict(method=self.method, unroll=self.unroll, remat=self.remat, hoist=self.hoist)
+
+
+class RNN(_RNNBase):
+    """Runs an rnnlab cell over a batch of sequences (`rnnlab.unroll`) as a Flax module.
+
+    Attributes:
+      cell: any `RNNCell` (stacks and wrappers included).
+      method: `"scan"`, `"static"` or `"associative"` (see `rnnlab.unroll`).
+      unroll: steps per `lax.scan` iteration.
+      reverse: run each sequence's valid prefix backwards (outputs in original order).
+      time_major: inputs and outputs are `[T, B, ...]` instead of `[B, T, ...]`.
+      remat: checkpoint the step (recompute it on the backward pass).
+      hoist: precompute the input projection of all steps when the cell allows it.
+      return_state: return `(outputs, final_state)` instead of `outputs`.
+      deterministic: `True` disables dropout; may instead be given at call time.
+
+    Params: `{"cell": cell.init(key, input_size)}` with `input_size = inputs.shape[-1]`.
+    """
+
+    cell: RNNCell
+    method: str = "scan"
+    unroll: int = 1
+    reverse: bool = False
+    time_major: bool = False
+    remat: bool = False
+    hoist: bool = True
+    return_state: bool = False
+    deterministic: Optional[bool] = None
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: Array,
+        *,
+        lengths: Optional[Array] = None,
+        initial_state: Optional[State] = None,
+        deterministic: Optional[bool] = None,
+    ) -> Array | tuple[Array, State]:
+        """Args: `inputs [B, T, I]` (or `[T, B, I]`), optional integer `lengths [B]`, an
+        optional batched `initial_state`, and `deterministic` unless set on the module.
+
+        Returns: outputs `[B, T, O]` (zero past each length), or
+        `(outputs, final_state)` with `return_state=True`.
+        """
+        if not isinstance(self.cell, RNNCell):
+            raise TypeError(f"RNN.cell must be an rnnlab RNNCell, got {type(self.cell).__name__}.")
+        input_size = inputs.shape[-1]
+        params = self.param("cell", lambda key: self.cell.init(key, input_size))
+        rng = self._rng([(self.cell, params)], deterministic)
+        outputs, final = _unroll(
+            self.cell,
+            params,
+            inputs,
+            initial_state=initial_state,
+            lengths=lengths,
+            reverse=self.reverse,
+            time_major=self.time_major,
+            rng=rng,
+            **self._unroll_options(),
+        )
+        return (outputs, final) if self.return_state else outputs
+
+
+class Bidirectional(_RNNBase):
+    """`rnnlab.bidirectional` (TF1's `bidirectional_dynamic_rnn`) as a Flax module.
+
+    Attributes:
+      cell_fw, cell_bw: the forward and backward cells (any widths and types).
+      merge: `"concat"` (outputs `[B, T, O_fw + O_bw]`) or `"none"` (the pair).
+      Others as in `RNN`; `return_state=True` returns `(outputs, (final_fw, final_bw))`.
+
+    Params: `{"fw": cell_fw.init(...), "bw": cell_bw.init(...)}`, the layout
+    `rnnlab.bidirectional` takes.
+    """
+
+    cell_fw: RNNCell
+    cell_bw: RNNCell
+    merge: str = "concat"
+    method: str = "scan"
+    unroll: int = 1
+    time_major: bool = False
+    remat: bool = False
+    hoist: bool = True
+    return_state: bool = False
+    deterministic: Optional[bool] = None
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs: Array,
+        *,
+        lengths: Optional[Array] = None,
+        initial_states: tuple[Optional[State], Optional[State]] = (None, None),
+        deterministic: Optional[bool] = None,
+    ) -> Any:
+        for name, cell in (("cell_fw", self.cell_fw), ("cell_bw", self.cell_bw)):
+            if not isinstance(cell, RNNCell):
+                raise TypeError(f"Bidirectional.{name} must be an rnnlab RNNCell, got {type(cell).__name__}.")
+        input_size = inputs.shape[-1]
+        params = {
+            "fw": self.param("fw", lambda key: self.cell_fw.init(key, input_size)),
+            "bw": self.param("bw", lambda key: self.cell_bw.init(key, input_size)),
+        }
+        rng = self._rng([(self.cell_fw, params["fw"]), (self.cell_bw, params["bw"])], deterministic)
+        outputs, finals = _bidirectional(
+            self.cell_fw,
+            self.cell_bw,
+            params,
+            inputs,
+            lengths=lengths,
+            initial_states=initial_states,
+            merge=self.merge,
+            time_major=self.time_major,
+            rng=rng,
+            **self._unroll_options(),
+        )
+        return (outputs, finals) if self.return_state else outputs

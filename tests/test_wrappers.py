@@ -1,0 +1,290 @@
+"""The combinators `stack`, `dropout` and `residual` (TF1's `MultiRNNCell`,
+`DropoutWrapper` and `ResidualWrapper`).
+
+Dropout masks are made visible with an "identity" cell: a basic RNN with `w_x = I`,
+`w_h = 0`, `b = 0` and the identity activation, whose output at each step is exactly
+its (possibly dropped) input. Most runs use `method="static"`: the eager ops are
+compiled once per shape and shared between tests, and method equivalence is covered
+by `test_unroll.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rnnlab
+from rnnlab.cells.base import RNNCell
+from rnnlab.cells.gru import gru
+from rnnlab.cells.lstm import LSTMState, lstm
+from rnnlab.cells.rnn import basic_rnn
+from test_unroll import assert_trees_close, assert_trees_equal, jitted_step, loop_reference
+
+I, B, T = 3, 2, 5
+N = 64  # units of the identity cell: enough that two random masks never coincide
+KEY = jax.random.PRNGKey(0)
+
+
+def identity_cell(num_units: int = N) -> tuple[RNNCell, dict[str, jax.Array]]:
+    """A basic RNN whose output is exactly its input: `h' = x·I + h·0 + 0`."""
+    cell = basic_rnn(num_units, activation=lambda v: v)
+    params = {
+        "w_x": jnp.eye(num_units),
+        "w_h": jnp.zeros((num_units, num_units)),
+        "b": jnp.zeros((num_units,)),
+    }
+    return cell, params
+
+
+def ones(batch: int = B, steps: int = T, size: int = N) -> jax.Array:
+    return jnp.ones((batch, steps, size))
+
+
+def inputs(seed: int = 1) -> jax.Array:
+    return jax.random.normal(jax.random.PRNGKey(seed), (B, T, I))
+
+
+# --------------------------------------------------------------------------------------
+# stack
+# --------------------------------------------------------------------------------------
+
+
+def test_stack_of_mixed_cells_and_widths_equals_manual_layer_chaining() -> None:
+    layers = [lstm(5, num_proj=3, peepholes=True), gru(4), basic_rnn(6)]
+    cell = rnnlab.stack(layers)
+    params = cell.init(KEY, I)
+    assert cell.output_size == 6
+    assert [p["w_x"].shape[0] for p in params] == [I, 3, 4]  # each layer reads the last
+    xs = inputs()
+
+    # Manual chaining, one example and one step at a time through every layer.
+    steps = [jitted_step(layer) for layer in layers]
+    expected = np.zeros((B, T, 6), np.float32)
+    expected_finals = []
+    for b in range(B):
+        states = [layer.initial_state(p) for layer, p in zip(layers, params)]
+        for t in range(T):
+            y = xs[b, t]
+            for index, (step, p) in enumerate(zip(steps, params)):
+                states[index], y = step(p, states[index], y)
+            expected[b, t] = y
+        expected_finals.append(tuple(states))
+    expected_final = jax.tree.map(lambda *leaves: jnp.stack(leaves), *expected_finals)
+
+    ys, final = rnnlab.unroll(cell, params, xs, method="static")  # scan: see test_unroll.py
+    np.testing.assert_allclose(ys, expected, rtol=1e-5, atol=1e-6)
+    assert_trees_close(final, expected_final, rtol=1e-5)
+    # stepping the whole stack at once (cell.step) is the same chain
+    state, y = cell.step(params, cell.initial_state(params), xs[0, 0])
+    np.testing.assert_allclose(y, expected[0, 0], rtol=1e-5, atol=1e-6)
+    assert isinstance(state, tuple) and len(state) == 3 and isinstance(state[0], LSTMState)
+
+
+def test_stack_initial_state_is_the_tuple_of_layer_states() -> None:
+    layers = [lstm(5, num_proj=3), gru(4)]
+    cell = rnnlab.stack(layers)
+    params = cell.init(KEY, I)
+    state = cell.initial_state(params)
+    assert_trees_equal(state, (layers[0].initial_state(params[0]), layers[1].initial_state(params[1])))
+    assert state[0].c.shape == (5,) and state[0].h.shape == (3,) and state[1].shape == (4,)
+
+
+def test_empty_stack_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="stack needs at least one cell"):
+        rnnlab.stack([])
+
+
+def test_stack_of_a_non_cell_raises_type_error() -> None:
+    with pytest.raises(TypeError, match=r"cells\[1\] must be an RNNCell, got function"):
+        rnnlab.stack([gru(3), lambda params, state, x: (state, x)])
+
+
+# --------------------------------------------------------------------------------------
+# dropout
+# --------------------------------------------------------------------------------------
+
+
+def test_dropout_with_all_keep_probabilities_one_is_the_identity_even_with_rng() -> None:
+    inner = lstm(4, peepholes=True)
+    cell = rnnlab.dropout(inner, input_keep=1.0, output_keep=1.0, state_keep=1.0, variational=True)
+    params = cell.init(KEY, I)
+    ys, final = rnnlab.unroll(cell, params, inputs(), rng=jax.random.PRNGKey(3), method="static")
+    plain_ys, plain_final = rnnlab.unroll(inner, params, inputs(), method="static")
+    np.testing.assert_array_equal(ys, plain_ys)
+    assert_trees_equal(final.cell, plain_final)
+
+
+def test_dropout_in_evaluation_is_deterministic_and_equals_the_unwrapped_cell() -> None:
+    inner = gru(4)
+    cell = rnnlab.dropout(inner, input_keep=0.5, output_keep=0.5, state_keep=0.5)
+    params = cell.init(KEY, I)
+    first, final = rnnlab.unroll(cell, params, inputs(), rng=None, method="static")
+    second, _ = rnnlab.unroll(cell, params, inputs(), rng=None, method="static")
+    plain, plain_final = rnnlab.unroll(inner, params, inputs(), method="static")
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first, plain, rtol=1e-6, atol=1e-7)
+    assert final.key is None
+    np.testing.assert_allclose(final.cell, plain_final, rtol=1e-6, atol=1e-7)
+
+
+def test_dropout_same_key_same_result_different_key_different_result() -> None:
+    cell = rnnlab.dropout(gru(4), input_keep=0.7, output_keep=0.7, state_keep=0.7)
+    params = cell.init(KEY, I)
+
+    def run(key: jax.Array) -> np.ndarray:
+        return np.asarray(rnnlab.unroll(cell, params, inputs(), rng=key, method="static")[0])
+
+    np.testing.assert_array_equal(run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(1)))
+    assert np.abs(run(jax.random.PRNGKey(1)) - run(jax.random.PRNGKey(2))).max() > 1e-3
+
+
+def _zero_patterns(ys: jax.Array) -> np.ndarray:
+    """`[B, T, N]` booleans: which units are dropped (exactly zero) at each step."""
+    return np.asarray(ys) == 0.0
+
+
+@pytest.mark.parametrize("where", ["input_keep", "output_keep"])
+def test_non_variational_masks_differ_from_step_to_step(where: str) -> None:
+    inner, params = identity_cell()
+    cell = rnnlab.dropout(inner, **{where: 0.5})
+    ys, _ = rnnlab.unroll(cell, params, ones(), rng=jax.random.PRNGKey(4), method="static")
+    dropped = _zero_patterns(ys)
+    assert 0.2 < dropped.mean() < 0.8  # masks are in use at all
+    for b in range(B):
+        assert len({row.tobytes() for row in dropped[b]}) == T, f"example {b} repeats a mask"
+
+
+@pytest.mark.parametrize("where", ["input_keep", "output_keep"])
+def test_variational_masks_are_the_same_at_every_step_and_differ_between_examples(where: str) -> None:
+    inner, params = identity_cell()
+    cell = rnnlab.dropout(inner, variational=True, **{where: 0.5})
+    ys, _ = rnnlab.unroll(cell, params, ones(), rng=jax.random.PRNGKey(4), method="static")
+    dropped = _zero_patterns(ys)
+    assert 0.2 < dropped.mean() < 0.8
+    for b in range(B):
+        for t in range(1, T):
+            np.testing.assert_array_equal(dropped[b, t], dropped[b, 0])
+    assert not np.array_equal(dropped[0, 0], dropped[1, 0])  # one key per example
+
+
+@pytest.mark.parametrize("variational", [False, True], ids=["per_step", "variational"])
+def test_state_mask_is_redrawn_per_step_unless_variational(variational: bool) -> None:
+    inner, params = identity_cell()
+    cell = rnnlab.dropout(inner, state_keep=0.5, variational=variational)
+    state = cell.initial_state(params, jax.random.PRNGKey(5))
+    x = jnp.ones((N,))
+    masks = []
+    for _ in range(3):
+        state, y = cell.step(params, state, x)
+        np.testing.assert_array_equal(y, x)  # the output is not dropped, only the state
+        masks.append(np.asarray(state.cell) == 0.0)
+        kept = np.asarray(state.cell)[~masks[-1]]
+        np.testing.assert_array_equal(kept, np.full_like(kept, 2.0))  # scaled by 1/keep
+    assert 0.2 < np.mean(masks) < 0.8
+    if variational:
+        assert all(np.array_equal(mask, masks[0]) for mask in masks)
+    else:
+        assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[1], masks[2])
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.8])
+def test_inverted_dropout_scales_kept_units_so_the_expectation_is_the_input(keep: float) -> None:
+    size = 4096
+    inner, params = identity_cell(size)
+    cell = rnnlab.dropout(inner, input_keep=keep)
+    ys, _ = rnnlab.unroll(cell, params, ones(1, 1, size), rng=jax.random.PRNGKey(6), method="static")
+    ys = np.asarray(ys).ravel()
+    kept = ys != 0.0
+    np.testing.assert_allclose(ys[kept], 1.0 / keep, rtol=1e-6)
+    assert abs(kept.mean() - keep) < 0.05
+    assert abs(ys.mean() - 1.0) < 0.08  # E[output] = input
+
+
+def test_state_dropout_never_touches_the_lstm_memory_cell() -> None:
+    inner = rnnlab.stack([lstm(16), lstm(16, num_proj=8)])
+    cell = rnnlab.dropout(inner, state_keep=0.5)
+    params = cell.init(KEY, I)
+    key_c, key_h, key_x = jax.random.split(jax.random.PRNGKey(7), 3)
+    states = (
+        LSTMState(c=jax.random.normal(key_c, (16,)), h=jax.random.normal(key_h, (16,))),
+        LSTMState(c=jax.random.normal(key_c, (16,)), h=jax.random.normal(key_h, (8,))),
+    )
+    x = jax.random.normal(key_x, (I,))
+    plain_state, plain_y = inner.step(params, states, x)
+    step = jax.jit(cell.step)
+    for seed in range(3):
+        dropped_state, y = step(params, rnnlab.DropoutState(states, jax.random.PRNGKey(seed)), x)
+        # (tolerances only for jit-vs-eager rounding; a dropped unit would be 0 or 2x)
+        np.testing.assert_allclose(y, plain_y, rtol=1e-6, atol=1e-7)
+        for dropped, plain in zip(dropped_state.cell, plain_state):
+            np.testing.assert_allclose(dropped.c, plain.c, rtol=1e-6, atol=1e-7)  # untouched
+            assert np.all(np.asarray(dropped.c) != 0.0)
+            h, plain_h = np.asarray(dropped.h), np.asarray(plain.h)
+            zeroed = h == 0.0
+            assert zeroed.any() and not zeroed.all()
+            np.testing.assert_allclose(h[~zeroed], 2.0 * plain_h[~zeroed], rtol=1e-6)
+
+
+@pytest.mark.parametrize("argument", ["input_keep", "output_keep", "state_keep"])
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5, True, "0.5"])
+def test_invalid_keep_probabilities_raise_value_error(argument: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"{argument} must be a keep probability in \(0, 1\]"):
+        rnnlab.dropout(gru(3), **{argument: value})
+
+
+def test_keep_probabilities_accept_numpy_floats() -> None:
+    # A keep probability from a NumPy sweep (np.float32) is a real number in (0, 1].
+    inner, params = identity_cell()
+    cell = rnnlab.dropout(inner, input_keep=np.float32(0.5), output_keep=np.float64(1.0))
+    reference = rnnlab.dropout(inner, input_keep=0.5)
+    key = jax.random.PRNGKey(3)
+    ys, _ = rnnlab.unroll(cell, params, ones(), rng=key, method="static")
+    np.testing.assert_array_equal(ys, rnnlab.unroll(reference, params, ones(), rng=key, method="static")[0])
+
+
+def test_dropout_state_holds_the_wrapped_state_and_a_key_only_when_training() -> None:
+    cell = rnnlab.dropout(lstm(4), output_keep=0.5)
+    params = cell.init(KEY, I)
+    training = cell.initial_state(params, jax.random.PRNGKey(0))
+    evaluation = cell.initial_state(params)
+    assert isinstance(training, rnnlab.DropoutState) and isinstance(training.cell, LSTMState)
+    assert training.key is not None and evaluation.key is None
+    assert_trees_equal(evaluation.cell, lstm(4).initial_state(params))
+
+
+def test_dropout_unroll_equals_per_example_loop_with_per_example_keys() -> None:
+    cell = rnnlab.dropout(lstm(4, num_proj=2), input_keep=0.6, output_keep=0.7, state_keep=0.8)
+    params = cell.init(KEY, I)
+    lengths = np.array([5, 2])
+    rng = jax.random.PRNGKey(9)
+    ys, final = rnnlab.unroll(cell, params, inputs(), lengths=jnp.asarray(lengths), rng=rng, method="static")
+    ref_ys, ref_final = loop_reference(cell, params, inputs(), lengths=lengths, rng=rng)
+    np.testing.assert_allclose(ys, ref_ys, rtol=1e-5, atol=1e-6)
+    assert_trees_close(final, ref_final, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# residual
+# --------------------------------------------------------------------------------------
+
+
+def test_residual_adds_the_input_to_the_output() -> None:
+    inner = gru(I)
+    cell = rnnlab.residual(inner)
+    params = cell.init(KEY, I)
+    xs = inputs()
+    ys, final = rnnlab.unroll(cell, params, xs, method="static")
+    plain_ys, plain_final = rnnlab.unroll(inner, params, xs, method="static")
+    np.testing.assert_allclose(ys, xs + plain_ys, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(final, plain_final)  # the state is the wrapped cell's
+    assert cell.output_size == I
+
+
+def test_residual_rejects_an_input_size_other_than_the_output_size() -> None:
+    cell = rnnlab.residual(lstm(4))
+    with pytest.raises(ValueError, match=r"input_size \(3\) must equal the cell's output_size \(4\)"):
+        cell.init(KEY, 3)
