@@ -11,7 +11,30 @@ from typing import Any, Callable, NamedTuple
 
 import ml_collections
 
-RunFn = Callable[..., dict[str, Any]]  # (config, workdir, **launch_options) -> results
+RunFn = Callable[..., dict[str, Any]]
+"""How `launch.py` runs an experiment:
+
+    results = run(config, workdir, *, mode="train", resume=False,
+                  data_dir=None, tfds_data_dir=None)
+
+Args:
+  config: the experiment's `ConfigDict` with the command line's `--config.*` overrides.
+  workdir: the run's directory (`--workdir`, default `runs/<experiment>`).
+  mode: "train" (train, evaluate, write plots), "eval" (evaluate the newest checkpoint
+    in `workdir`) or "sample" (language models: generate text from the newest
+    checkpoint). An experiment raises `ValueError` for a mode it does not support.
+  resume: continue training from the newest checkpoint in `workdir`.
+  data_dir: a directory with the data files (`--data_dir`); `None` lets the loader
+    fall back to `$RNNLAB_DATA_DIR`, then TensorFlow Datasets.
+  tfds_data_dir: TensorFlow Datasets' data directory (`--tfds_data_dir`).
+
+Returns:
+  A dict of results (for "train", what `rnnlab.train.train` wrote to `results.json`).
+
+Errors meant for the user (`ValueError` and its subclasses `rnnlab.data.DataError` and
+`rnnlab.checkpoint.CheckpointError`, `OSError`, `rnnlab.train.NonFiniteLossError`)
+carry a one-line message; `launch.py` prints it and exits non-zero.
+"""
 
 
 class Experiment(NamedTuple):
@@ -39,4 +62,5 @@ def get(name: str) -> Experiment:
 
 
 def names() -> list[str]:
+    """The registered names, sorted."""
     return sorted(_REGISTRY)

@@ -1,0 +1,146 @@
+"""Runs an rnnlab experiment.
+
+    python launch.py --experiment=bilstm_mnist [--workdir=DIR] [--config.FIELD=VALUE ...]
+                     [--mode=train|eval|sample] [--resume] [--data_dir=DIR]
+                     [--tfds_data_dir=DIR]
+    python launch.py --list
+
+`--config.FIELD` overrides any field of the chosen experiment's config (see
+`--helpfull` for the fields and their defaults). Mistakes in the input (an unknown
+experiment or config field, a bad value, missing data, no checkpoint to resume) end
+with one line on stderr and exit status 1. A run stopped by SIGINT/SIGTERM saves a
+checkpoint and exits with 128 + the signal number; `--resume` continues it (a second
+Ctrl-C stops at once, without saving).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from typing import NoReturn, Optional, Sequence
+
+from absl import app, flags, logging
+
+DEFAULT_EXPERIMENT = "bilstm_mnist"
+PROGRAM = os.path.basename(sys.argv[0]) if sys.argv else "launch.py"
+
+flags.DEFINE_string("experiment", DEFAULT_EXPERIMENT, "Name of the experiment to run (see --list).")
+flags.DEFINE_string("workdir", None, "Directory for config, metrics, checkpoints and plots; default runs/<experiment>.")
+flags.DEFINE_bool("list", False, "List the experiments with one-line descriptions and exit.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "train; eval or sample from the newest checkpoint.")
+flags.DEFINE_bool("resume", False, "Continue training from the newest checkpoint in --workdir.")
+flags.DEFINE_string("data_dir", None, "Directory with the data files (default: $RNNLAB_DATA_DIR, then TFDS).")
+flags.DEFINE_string("tfds_data_dir", None, "TensorFlow Datasets data directory.")
+FLAGS = flags.FLAGS
+
+
+def fail(message: str) -> NoReturn:
+    """Ends the program with one line on stderr and exit status 1."""
+    first_line = str(message).strip().splitlines()[0] if str(message).strip() else "unknown error"
+    print(f"{PROGRAM}: error: {first_line}", file=sys.stderr)
+    sys.exit(1)
+
+
+def experiment_from_argv(argv: Sequence[str]) -> str:
+    """The value of `--experiment` in `argv` (the last one wins, as with absl), read
+    before absl parses the flags because the config flag depends on it."""
+    name = DEFAULT_EXPERIMENT
+    for index, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--experiment="):
+            name = arg.split("=", 1)[1]
+        elif arg == "--experiment" and index + 1 < len(argv):
+            name = argv[index + 1]
+    return name
+
+
+def list_experiments() -> str:
+    """One line per experiment: name and description."""
+    from experiments import registry
+
+    width = max(len(name) for name in registry.names())
+    return "\n".join(f"{name:<{width}}  {registry.get(name).description}" for name in registry.names())
+
+
+def check_config_overrides(argv: Sequence[str], config, experiment: str) -> None:
+    """Fails with one line if a `--config.FIELD` of `argv` names no field of `config`."""
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0]
+        node = config
+        for part in path.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                fail(f"unknown config field {path!r} for experiment {experiment!r}; its fields: "
+                     f"{', '.join(sorted(config.keys()))}")
+            node = node[part]
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's parsing, with errors reported as one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        fail(error)
+
+
+def main(argv: Sequence[str]) -> None:
+    from experiments import registry
+    from rnnlab.train import NonFiniteLossError
+
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO
+        logging.set_verbosity(logging.WARNING)
+    if FLAGS.list:
+        print(list_experiments())
+        return
+    experiment = registry.get(FLAGS.experiment)
+    workdir = FLAGS.workdir or os.path.join("runs", experiment.name)
+    try:
+        results = experiment.run(
+            FLAGS.config,
+            workdir,
+            mode=FLAGS.mode,
+            resume=FLAGS.resume,
+            data_dir=FLAGS.data_dir,
+            tfds_data_dir=FLAGS.tfds_data_dir,
+        )
+    except OSError as error:
+        fail(f"cannot write to --workdir={workdir}: {error}")
+    except (ValueError, NonFiniteLossError) as error:
+        fail(error)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    stop = results.get("stop_reason")
+    if stop in ("SIGINT", "SIGTERM"):
+        print(f"{PROGRAM}: stopped by {stop} at step {results['steps']}; the checkpoint is saved, continue with "
+              f"--resume --workdir={workdir}", file=sys.stderr)
+        sys.exit(128 + int(getattr(signal, stop)))
+    print(json.dumps(results, indent=2, sort_keys=True))
+
+
+def run(argv: Optional[list[str]] = None) -> None:
+    """The entry point: picks the experiment, defines `--config` from its default
+    config, then hands over to absl."""
+    from ml_collections import config_flags
+
+    from experiments import registry
+
+    argv = list(sys.argv if argv is None else argv)
+    name = experiment_from_argv(argv)
+    if "--list" not in argv and name not in registry.names():
+        fail(f"unknown experiment {name!r}; known experiments: {', '.join(registry.names())} (see --list)")
+    config = registry.get(name if name in registry.names() else DEFAULT_EXPERIMENT).get_config()
+    check_config_overrides(argv, config, name)
+    try:  # config_flags applies the --config.* overrides of sys.argv here
+        config_flags.DEFINE_config_dict("config", config, "The experiment's config; override fields with --config.FIELD=VALUE.")
+    except (flags.Error, ValueError, TypeError, KeyError, AttributeError) as error:
+        fail(f"bad --config override: {error}")
+    app.run(main, argv=argv, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

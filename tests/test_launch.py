@@ -1,0 +1,100 @@
+"""`launch.py` as users run it: listing, bad input, interruption and resuming.
+
+Each case is a subprocess (JAX's import time each), so the cases are few.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_fixtures import write_mnist_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config.num_units=4", "--config.batch_size=8", "--config.eval_batch_size=16", "--config.reading_digits=1",
+        "--config.warmup_steps=1", "--config.progress_bar=false"]
+
+
+def launch(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+def assert_one_line_error(process: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert process.returncode != 0
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("launch.py: error: "), process.stderr
+    assert "Traceback" not in process.stderr + process.stdout
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    directory = tmp_path_factory.mktemp("data")
+    write_mnist_idx(str(directory), num_train=64, num_test=16)
+    return str(directory)
+
+
+def test_list_shows_every_mnist_experiment():
+    process = launch("--list")
+    assert process.returncode == 0, process.stderr
+    names = {line.split()[0] for line in process.stdout.splitlines() if line.strip()}
+    assert {"bilstm_mnist", "lstm_mnist", "gru_mnist", "lstm3_mnist", "gru3_mnist", "lstm_gru_mnist",
+            "bilstm3_mnist"} <= names
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--experiment=no_such_experiment"], ["unknown experiment 'no_such_experiment'", "bilstm_mnist"]),
+        (["--config.no_such_field=3"], ["unknown config field 'no_such_field'"]),
+        (["--config.batch_size=many"], ["--config.batch_size=many"]),
+    ],
+    ids=["unknown-experiment", "unknown-field", "ill-typed-value"],
+)
+def test_bad_flags_fail_with_one_line(args, fragments):
+    assert_one_line_error(launch(*args), *fragments)
+
+
+def test_bad_runs_fail_with_one_line(data_dir, tmp_path):
+    """Missing data, nothing to resume, an unwritable workdir: all before training."""
+    (tmp_path / "a_file").write_text("")
+    assert_one_line_error(launch(f"--data_dir={tmp_path / 'nothing'}", f"--workdir={tmp_path / 'w'}"),
+                          "does not exist")
+    assert_one_line_error(launch(f"--data_dir={data_dir}", f"--workdir={tmp_path / 'w'}", "--resume", *TINY),
+                          "no checkpoint")
+    assert_one_line_error(launch(f"--data_dir={data_dir}", f"--workdir={tmp_path / 'a_file' / 'run'}", *TINY),
+                          "cannot write")
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    args = [f"--data_dir={data_dir}", f"--workdir={workdir}", "--experiment=lstm_mnist", *TINY,
+            "--config.log_every_steps=1", "--config.checkpoint_every_steps=0"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args, "--config.num_steps=100000"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().strip()) and process.poll() is None:
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "stopped by SIGINT" in stderr and "Traceback" not in stderr
+    stopped_at = json.loads((workdir / "results.json").read_text())["steps"]
+    assert os.listdir(workdir / "checkpoints") == [str(stopped_at)]
+
+    resumed = launch(*args, f"--config.num_steps={stopped_at + 2}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["steps"] == stopped_at + 2 and results["stop_reason"] == "done"
+    assert (workdir / "reading.png").exists()

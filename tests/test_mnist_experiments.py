@@ -1,0 +1,118 @@
+"""Every registered MNIST experiment end to end on tiny generated IDX data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from data_fixtures import write_mnist_idx
+from experiments import mnist, registry
+from rnnlab import train
+
+MNIST_EXPERIMENTS = sorted(mnist.EXPERIMENTS)
+RESULT_KEYS = {"steps", "planned_steps", "epochs", "train_seconds", "num_params", "stop_reason", "devices", "test_loss", "test_accuracy"}
+
+
+def tiny(config, **overrides):
+    """`config` shrunk to a few steps of a width-8 model."""
+    config.update(dict(num_units="8", batch_size=16, eval_batch_size=16, num_steps=3, warmup_steps=1,
+                       log_every_steps=1, checkpoint_every_steps=0, reading_digits=1, progress_bar=False))
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data")
+    write_mnist_idx(str(directory), num_train=64, num_test=20)
+    return str(directory)
+
+
+def test_all_mnist_experiments_are_registered():
+    assert set(MNIST_EXPERIMENTS) == {
+        "lstm_mnist", "gru_mnist", "bilstm_mnist", "lstm3_mnist", "gru3_mnist", "lstm_gru_mnist", "bilstm3_mnist",
+    }
+    assert set(MNIST_EXPERIMENTS) <= set(registry.names())
+
+
+@pytest.mark.parametrize("name", MNIST_EXPERIMENTS)
+def test_experiment_trains_end_to_end(name, data_dir, tmp_path):
+    experiment = registry.get(name)
+    results = experiment.run(tiny(experiment.get_config()), str(tmp_path), mode="train", data_dir=data_dir)
+    assert RESULT_KEYS <= set(results) and results["steps"] == 3
+    assert json.loads((tmp_path / "results.json").read_text()) == pytest.approx(results)
+    for plot in ("curves.png", "reading.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if name == "bilstm_mnist":  # eval mode reproduces the final test figures from the checkpoint
+        evaluated = experiment.run(tiny(experiment.get_config()), str(tmp_path), mode="eval", data_dir=data_dir)
+        assert evaluated["step"] == 3
+        assert evaluated["test_accuracy"] == pytest.approx(results["test_accuracy"])
+        assert evaluated["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+
+
+def test_unsupported_mode_is_refused(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="--mode=train|eval"):
+        mnist.run(tiny(mnist.get_config()), str(tmp_path), mode="sample", data_dir=data_dir)
+
+
+def test_static_and_scan_unroll_give_the_same_loss(data_dir):
+    """Same params, same batch: the Python-loop unroll equals `lax.scan`."""
+    batch = mnist.load_split("test", data_dir, None)
+    losses = {}
+    for method in ("scan", "static"):
+        config = tiny(mnist.get_config("lstm"), unroll_method=method)
+        task, _ = mnist.make_task(config)
+        params = task.init_params(jax.random.PRNGKey(0))
+        losses[method] = float(jax.jit(lambda p, b: task.loss(p, None, b, None)[0])(params, batch))
+    assert losses["static"] == pytest.approx(losses["scan"], rel=1e-6)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_reading_after_the_last_row_is_the_prediction(bidirectional, data_dir):
+    """The reading figure's last panel is the classifier's output on the whole image."""
+    config = tiny(mnist.get_config("lstm", bidirectional=bidirectional))
+    model = mnist.build_model(config)
+    params = model.init(jax.random.PRNGKey(1))
+    images = mnist.load_split("test", data_dir, None)["image"][:3]
+    probabilities = mnist.reading_probabilities(model, params, images)
+    assert probabilities.shape == (3, 28, 10)
+    full = jax.nn.softmax(model.logits(params, images))
+    np.testing.assert_allclose(probabilities[:, -1], full, rtol=1e-5, atol=1e-6)
+
+
+def test_shift_images_moves_pixels_and_pads_with_zeros():
+    images = np.zeros((64, 6, 6), np.uint8)
+    images[:, 2, 3] = 255
+    shifted = np.asarray(mnist.shift_images(jax.random.PRNGKey(0), images, 1))
+    assert shifted.shape == images.shape and shifted.dtype == np.uint8
+    assert (shifted == 255).sum(axis=(1, 2)).tolist() == [1] * 64
+    rows, cols = np.nonzero(shifted == 255)[1:]
+    assert set(rows) == {1, 2, 3} and set(cols) == {2, 3, 4}
+    assert np.array_equal(np.asarray(mnist.shift_images(jax.random.PRNGKey(0), images, 0)), images)
+
+
+def test_bad_model_config_raises_one_line_errors():
+    with pytest.raises(ValueError, match="unknown cell type 'lsmt'"):
+        mnist.build_model(tiny(mnist.get_config("lstm,lsmt")))
+    with pytest.raises(ValueError, match="2 widths for 3 layers"):
+        mnist.build_model(tiny(mnist.get_config("lstm,lstm,lstm"), num_units="8,8"))
+
+
+def test_resume_through_the_experiment_continues_exactly(data_dir, tmp_path):
+    """LSTM with dropout and augmentation: 4 steps, stop, 3 more == 7 uninterrupted."""
+    config = tiny(mnist.get_config("lstm"), num_steps=7, checkpoint_every_steps=4,
+                  dropout_keep=0.8, augment_shift=2, reading_digits=0)
+    task, _ = mnist.make_task(config)
+    data = mnist.load_split("train", data_dir, None)
+    reference = train.train(task, config, str(tmp_path / "ref"), data)
+
+    shutil.copytree(tmp_path / "ref", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "7")  # as if stopped after step 4
+    resumed = train.train(task, config, str(tmp_path / "cut"), data, resume=True)
+    assert int(resumed.state.step) == 7
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.params, reference.state.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.opt_state, reference.state.opt_state)

@@ -1,0 +1,113 @@
+"""Tests of the sine series generator and the sine_lstm experiment."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from experiments import sine
+from rnnlab.data import sine as sine_data
+
+
+def test_clean_series_is_the_sum_of_sines():
+    series = sine_data.sine_series(
+        200, frequencies=(0.5, 2.0), amplitudes=(1.0, 0.25), phases=(0.0, 1.0), noise_std=0.0, dt=0.05
+    )
+    t = np.arange(200) * 0.05
+    expected = np.sin(2 * np.pi * 0.5 * t) + 0.25 * np.sin(2 * np.pi * 2.0 * t + 1.0)
+    assert series.shape == (200,) and series.dtype == np.float32
+    np.testing.assert_allclose(series, expected, atol=1e-6)
+
+
+def test_noise_has_the_requested_scale_and_the_seed_fixes_everything():
+    clean = sine_data.sine_series(20_000, frequencies=(0.1,), phases=(0.0,))
+    noisy = sine_data.sine_series(20_000, frequencies=(0.1,), phases=(0.0,), noise_std=0.3, seed=1)
+    np.testing.assert_allclose(np.std(noisy - clean), 0.3, rtol=0.03)
+    np.testing.assert_array_equal(noisy, sine_data.sine_series(20_000, frequencies=(0.1,), phases=(0.0,),
+                                                               noise_std=0.3, seed=1))
+    assert not np.array_equal(sine_data.sine_series(50, seed=0), sine_data.sine_series(50, seed=1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_points=0), "num_points"),
+        (dict(num_points=10, frequencies=()), "frequencies"),
+        (dict(num_points=10, frequencies=(1.0, 2.0), amplitudes=(1.0,)), "amplitudes"),
+        (dict(num_points=10, noise_std=-1.0), "noise_std"),
+    ],
+)
+def test_bad_series_arguments_raise(kwargs, message):
+    num_points = kwargs.pop("num_points")
+    with pytest.raises(ValueError, match=message):
+        sine_data.sine_series(num_points, **kwargs)
+
+
+def test_windows_and_next_values():
+    series = np.arange(10, dtype=np.float32)
+    inputs, targets = sine_data.make_windows(series, 4)
+    assert inputs.shape == (6, 4, 1) and targets.shape == (6,)
+    for i in range(6):
+        np.testing.assert_array_equal(inputs[i, :, 0], series[i : i + 4])
+        assert targets[i] == series[i + 4]
+    with pytest.raises(ValueError, match="no window"):
+        sine_data.make_windows(series, 10)
+
+
+def test_splits_are_contiguous_and_cover_the_series():
+    series = np.arange(100, dtype=np.float32)
+    splits = sine_data.split_series(series, (0.7, 0.2, 0.1))
+    assert [len(splits[name]) for name in sine_data.SPLITS] == [70, 20, 10]
+    np.testing.assert_array_equal(np.concatenate([splits[name] for name in sine_data.SPLITS]), series)
+    with pytest.raises(ValueError, match="fractions"):
+        sine_data.split_series(series, (0.5, 0.5))
+
+
+def tiny_config(**overrides):
+    config = sine.get_config()
+    config.update(dict(num_points=700, window=12, num_units=8, batch_size=16, eval_batch_size=32, num_steps=30,
+                       warmup_steps=5, learning_rate=1e-2, log_every_steps=10, checkpoint_every_steps=15,
+                       progress_bar=False))
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("sine"))
+    return workdir, sine.run(tiny_config(), workdir)
+
+
+def test_training_reports_rmse_and_plots_predictions(trained_run):
+    workdir, results = trained_run
+    with open(os.path.join(workdir, "results.json")) as f:
+        written = json.load(f)
+    assert written == results
+    assert written["steps"] == 30
+    for split in ("val", "test"):
+        np.testing.assert_allclose(written[f"{split}_rmse"], math.sqrt(written[f"{split}_loss"]))
+    assert written["test_rmse"] < 1.0  # the series' standard deviation is about 0.8
+    for name in ("predictions.png", "curves.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0
+
+
+def test_resume_and_eval(trained_run):
+    workdir, _ = trained_run
+    assert sine.run(tiny_config(num_steps=40), workdir, resume=True)["steps"] == 40
+    results = sine.run(tiny_config(num_steps=40), workdir, mode="eval")
+    assert results["step"] == 40
+    np.testing.assert_allclose(results["test_rmse"], math.sqrt(results["test_loss"]))
+    with pytest.raises(ValueError, match="--mode=train|eval"):
+        sine.run(tiny_config(), workdir, mode="sample")
+
+
+def test_series_fields_reach_the_generator():
+    splits = sine.make_splits(tiny_config(frequencies="0.2", amplitudes="", noise_std=0.0, split_fractions="0.5,0.25,0.25"))
+    assert len(splits["train"]) == 350
+    assert np.max(np.abs(splits["train"])) <= 1.0 + 1e-6
+    with pytest.raises(ValueError, match="config.frequencies"):
+        sine.make_splits(tiny_config(frequencies="0.2,fast"))

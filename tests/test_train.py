@@ -1,0 +1,207 @@
+"""The training loop on toy tasks: exact resume, evaluation totals, carry, stopping."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rnnlab import train
+from rnnlab.checkpoint import CheckpointError
+from rnnlab.metrics import read_metrics
+
+FEATURES, CLASSES = 5, 3
+RESULT_KEYS = {"steps", "planned_steps", "epochs", "train_seconds", "num_params", "stop_reason", "devices"}
+
+
+def toy_data(num_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(num_rows, FEATURES)).astype(np.float32)
+    return {"x": x, "y": (np.argmax(x[:, :CLASSES], axis=1)).astype(np.int32)}
+
+
+def softmax_regression(dropout: float = 0.0) -> train.Task:
+    """Softmax regression; in training, input dropout drawn from `rng`."""
+
+    def init_params(key):
+        return {"w": 0.1 * jax.random.normal(key, (FEATURES, CLASSES)), "b": jnp.zeros(CLASSES)}
+
+    def loss(params, carry, batch, rng):
+        x = batch["x"]
+        if rng is not None and dropout:
+            x = jnp.where(jax.random.bernoulli(rng, 1 - dropout, x.shape), x / (1 - dropout), 0.0)
+        logits = x @ params["w"] + params["b"]
+        losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][:, None], axis=1)[:, 0]
+        correct = (jnp.argmax(logits, axis=1) == batch["y"]).astype(jnp.float32)
+        return jnp.mean(losses), (carry, {"loss": losses, "accuracy": correct})
+
+    return train.Task(init_params=init_params, loss=loss)
+
+
+def config(**overrides):
+    c = train.default_config()
+    c.update(dict(batch_size=8, eval_batch_size=16, num_steps=12, warmup_steps=2, learning_rate=0.05,
+                  log_every_steps=1, checkpoint_every_steps=0, progress_bar=False))
+    c.update(overrides)
+    return c
+
+
+def test_resume_continues_exactly(tmp_path):
+    """N steps, stop, resume M steps == N + M steps uninterrupted: params, optimiser
+    state, PRNG (dropout) and data order (shuffled epochs) all continue."""
+    task, data = softmax_regression(dropout=0.3), toy_data(36)
+    c = config(num_steps=14, checkpoint_every_steps=5, keep_checkpoints=5)  # 4 steps per epoch
+    reference = train.train(task, c, str(tmp_path / "ref"), data, {"test": data})
+    assert sorted(os.listdir(tmp_path / "ref" / "checkpoints")) == ["10", "14", "5"]
+
+    shutil.copytree(tmp_path / "ref", tmp_path / "resumed")
+    for step in ("10", "14"):  # as if the run had stopped after step 5
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step)
+    resumed = train.train(task, c, str(tmp_path / "resumed"), data, {"test": data}, resume=True)
+
+    assert int(resumed.state.step) == 14
+    for name in ("params", "opt_state", "rng"):
+        jax.tree.map(np.testing.assert_array_equal, getattr(resumed.state, name), getattr(reference.state, name))
+    assert resumed.results["test_accuracy"] == reference.results["test_accuracy"]
+    steps = [record["step"] for record in read_metrics(str(tmp_path / "resumed")) if record["split"] == "train"]
+    assert steps == list(range(1, 15)), "the resumed run's log reads like one run"
+
+
+def test_workdir_contents_and_results(tmp_path):
+    result = train.train(softmax_regression(), config(eval_every_steps=5), str(tmp_path), toy_data(40), {"test": toy_data(20, 1)})
+    assert RESULT_KEYS | {"test_loss", "test_accuracy"} <= set(result.results)
+    assert result.results["stop_reason"] == "done" and result.results["steps"] == 12
+    assert result.results["num_params"] == FEATURES * CLASSES + CLASSES
+    assert json.loads((tmp_path / "results.json").read_text()) == pytest.approx(result.results)
+    assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 8
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records if r["split"] == "test"] == [5, 10, 12]
+    assert {"loss", "accuracy", "grad_norm", "learning_rate"} <= set(records[0])
+
+
+def test_evaluate_counts_every_example_once():
+    """11 rows in batches of 4: the padded last batch is masked out of the means."""
+    task, data = softmax_regression(), toy_data(11)
+    params = task.init_params(jax.random.PRNGKey(0))
+    _, (_, per_example) = task.loss(params, None, data, None)
+    expected = {name: float(np.mean(values)) for name, values in per_example.items()}
+    assert train.evaluate(task, params, data, batch_size=4) == pytest.approx(expected, rel=1e-6)
+
+
+def counting_task() -> train.Task:
+    """The carry counts the batches seen since the last reset; metric "carry" reports it."""
+
+    def loss(params, carry, batch, rng):
+        carry = carry + 1
+        return jnp.sum(params["w"] * batch["x"]) * 0.0, (carry, {"carry": carry.astype(jnp.float32)})
+
+    return train.Task(init_params=lambda key: {"w": jnp.ones(())}, loss=loss,
+                      init_carry=lambda batch_size: jnp.zeros((batch_size,), jnp.int32))
+
+
+def test_carry_flows_through_batches_and_resets_each_epoch(tmp_path):
+    data = {"x": np.arange(12, dtype=np.float32)}  # 3 batches of 4 per epoch
+    train.train(counting_task(), config(batch_size=4, num_steps=7, shuffle=False), str(tmp_path), data)
+    carries = [r["carry"] for r in read_metrics(str(tmp_path)) if r["split"] == "train"]
+    assert carries == [1, 2, 3, 1, 2, 3, 1]
+    assert train.evaluate(counting_task(), {"w": jnp.ones(())}, data, batch_size=4) == {"carry": 2.0}
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    data = toy_data(40)
+    data["x"][28] = np.nan  # in batch 3 (rows 24..31): step 4
+    c = config(num_steps=10, shuffle=False, checkpoint_every_steps=2)
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 4\b.*step 2"):
+        train.train(softmax_regression(), c, str(tmp_path), data)
+    params, step = train.restore_params(softmax_regression(), c, str(tmp_path))
+    assert step == 2
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def test_time_budget_stops_and_still_evaluates(tmp_path):
+    result = train.train(softmax_regression(), config(num_steps=10_000, time_budget_s=1e-6), str(tmp_path),
+                         toy_data(40), {"test": toy_data(20)})
+    assert result.results["stop_reason"] == "time_budget"
+    assert result.results["steps"] == 1 and "test_accuracy" in result.results
+
+
+def test_resume_refuses_missing_or_corrupt_checkpoints_without_writing(tmp_path):
+    task, data, c = softmax_regression(), toy_data(40), config(num_steps=3)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train.train(task, c, str(tmp_path / "empty"), data, resume=True)
+    assert not (tmp_path / "empty").exists()
+
+    train.train(task, c, str(tmp_path), data)
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train.train(task, c, str(tmp_path), data)
+    with pytest.raises(CheckpointError, match="batch_size=8"):
+        train.train(task, config(num_steps=3, batch_size=4), str(tmp_path), data, resume=True)
+
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "3" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    before = {name: (tmp_path / name).read_bytes() for name in ("config.json", "metrics.jsonl", "results.json")}
+    with pytest.raises(CheckpointError, match="cannot restore"):
+        train.train(task, c, str(tmp_path), data, resume=True)
+    assert before == {name: (tmp_path / name).read_bytes() for name in before}
+
+
+def test_schedule_matches_optax_and_the_step_is_adam():
+    c = config(learning_rate=1.0, warmup_steps=10, final_lr_fraction=0.1)
+    reference = optax.warmup_cosine_decay_schedule(0.0, 1.0, 10, 110, end_value=0.1)
+    steps = np.array([0, 5, 10, 37, 109, 110, 150])
+    np.testing.assert_allclose(train.learning_rate(c, steps, 110), reference(steps), rtol=1e-5, atol=1e-7)
+
+    c = config(optimizer="adamw", weight_decay=0.1, grad_clip_norm=0.0)
+    params, grads = {"w": jnp.arange(3.0)}, {"w": jnp.array([0.5, -1.0, 2.0])}
+    direction, _ = train.make_optimizer(c).update(grads, train.make_optimizer(c).init(params), params)
+    adamw = optax.adamw(0.01, weight_decay=0.1)
+    expected, _ = adamw.update(grads, adamw.init(params), params)
+    np.testing.assert_allclose(-0.01 * direction["w"], expected["w"], rtol=1e-6)
+
+
+def test_schedule_is_fitted_to_the_time_budget(tmp_path):
+    """A budget far shorter than the configured run: the cosine decay is re-planned to
+    end with the budget (or, on a stalled machine, the hard stop ends the loop)."""
+    c = config(num_steps=10**7, time_budget_s=3.0, log_every_steps=20)
+    result = train.train(softmax_regression(), c, str(tmp_path), toy_data(40))
+    assert result.results["planned_steps"] == 10**7 and result.results["steps"] < 10**7
+    if result.results["stop_reason"] == "done":
+        last = [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"][-1]
+        assert last["learning_rate"] < 0.05 * c.learning_rate
+    else:
+        assert result.results["stop_reason"] == "time_budget"
+
+
+def test_two_devices_train_like_one(tmp_path):
+    """Data parallel over 2 (forced host) devices: the batch is split along "data",
+    params replicated; the result matches the single-device run."""
+    script = f"""
+import json, sys
+sys.path[:0] = {[str(Path(__file__).parent), str(Path(__file__).parents[1])]!r}
+import jax, numpy as np
+from test_train import config, softmax_regression, toy_data
+from rnnlab import train
+assert jax.device_count() == 2
+result = train.train(softmax_regression(dropout=0.3), config(), sys.argv[1], toy_data(40), {{"test": toy_data(20)}})
+print(json.dumps({{k: np.asarray(v).tolist() for k, v in result.state.params.items()}}))
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    process = subprocess.run([sys.executable, "-c", script, str(tmp_path / "two")], capture_output=True, text=True,
+                             env=env, timeout=300)
+    assert process.returncode == 0, process.stderr
+    two = json.loads(process.stdout.strip().splitlines()[-1])
+    one = train.train(softmax_regression(dropout=0.3), config(), str(tmp_path / "one"), toy_data(40), {"test": toy_data(20)})
+    for name, value in one.state.params.items():
+        np.testing.assert_allclose(two[name], value, rtol=1e-5, atol=1e-6)
