@@ -16,7 +16,6 @@ test part).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from typing import Any, Callable, NamedTuple, Optional
@@ -181,15 +180,6 @@ def _rmse(results: dict[str, Any]) -> dict[str, float]:
     return {f"{prefix}_rmse": math.sqrt(results[f"{prefix}_loss"]) for prefix in EVAL_SPLITS if f"{prefix}_loss" in results}
 
 
-def _write_results(workdir: str, name: str, results: dict[str, Any]) -> None:
-    """Writes `results` as JSON to `workdir/name` atomically."""
-    path = os.path.join(workdir, name)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-
-
 def run(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -216,7 +206,7 @@ def run(
         if results["stop_reason"] not in ("done", "time_budget"):
             return results
         results.update(_rmse(results))
-        _write_results(workdir, "results.json", results)
+        train.write_json(os.path.join(workdir, "results.json"), results)
         plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
     else:
         params, step = train.restore_params(task, config, workdir)
@@ -225,7 +215,7 @@ def run(
             values = train.evaluate(task, params, data, config.eval_batch_size)
             results.update({f"{prefix}_{metric}": value for metric, value in values.items()})
         results.update(_rmse(results))
-        _write_results(workdir, "eval_results.json", results)
+        train.write_json(os.path.join(workdir, "eval_results.json"), results)
     test = eval_data["test"]
     shown = min(PLOT_POINTS, len(test["target"]))
     predictions = jax.jit(model.predict)(params, test["inputs"][:shown])
