@@ -1,0 +1,304 @@
+"""Pixel-by-pixel MNIST: each image is a sequence of 784 steps of one pixel.
+
+Two orders: the raster order (sequential MNIST) and a fixed random permutation of the
+784 pixels (permuted MNIST), drawn from `np.random.default_rng(config.permutation_seed)`
+and written to `permutation.json` in the workdir. `config.pixel_stride` keeps every
+`stride`-th step of that order (1: all 784), which shortens the sequences for tests.
+
+Two models:
+* "lstm": one LSTM layer over the pixels, `lax.scan`, its last output classified.
+* "lru", "min_gru": the stack of the LRU paper (Orvieto et al. 2023): a linear encoder
+  `1 -> H`, then `num_layers` residual blocks
+  `x + dropout(GLU(GELU(cell(LayerNorm(x)))))` with a linear-recurrence cell (`lru(H, N)`
+  or `min_gru(H)`), mean pooling over time and a linear classifier. The cells are
+  unrolled with `config.unroll_method`: "associative", "scan", or "auto" (the default:
+  the associative scan on GPU/TPU, `lax.scan` on CPU, where it measured 2x faster).
+
+The LRU paper trains the recurrence's `ν_log, θ_log, γ_log` with a smaller learning rate.
+`rnnlab.train` has one learning rate for all params, so the model stores these three as
+`value / recurrent_lr_factor` and multiplies them back before use: Adam's step is
+invariant to the gradient's scale, so the values then move `recurrent_lr_factor` times
+as fast as the other params.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import rnnlab
+from rnnlab import plots, train
+from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell
+from rnnlab.cells.linear import lru, min_gru
+from rnnlab.cells.lstm import lstm
+from rnnlab.metrics import read_metrics
+
+from experiments import common, mnist, registry
+
+NUM_STEPS = mnist.NUM_ROWS * mnist.NUM_PIXELS  # 784
+CELL_TYPES = ("lstm", "lru", "min_gru")
+RECURRENT_KEYS = ("nu_log", "theta_log", "gamma_log")
+
+
+def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.ConfigDict:
+    """The config of a pixel MNIST experiment.
+
+    Model fields:
+      cell: one of `CELL_TYPES`.
+      num_units: `H`, the LSTM's width or the linear stack's model width.
+      state_size: `N`, the LRU's complex state size.
+      num_layers: residual blocks of the linear stack (the LSTM has one layer).
+      r_min, r_max, max_phase: the LRU's ring initialisation.
+      recurrent_lr_factor: learning-rate factor of the LRU's `ν_log, θ_log, γ_log`.
+      dropout: drop rate after every block's GLU (training only).
+      unroll_method: "associative", "scan" or "auto" (associative on accelerators, scan
+        on CPU) for the linear stack; the LSTM uses "scan".
+      permuted: read the pixels in the order of a fixed random permutation.
+      permutation_seed: seed of `np.random.default_rng` drawing that permutation.
+      pixel_stride: keep every this many steps of the pixel order (1 keeps all 784).
+      num_test_examples: evaluate on the first this many test images (0: all 10,000;
+        a forward pass over 784 steps is slow on a CPU, so short runs may use fewer).
+    Training fields: see `rnnlab.train.default_config`; `time_budget_s` is 30 minutes,
+    and the cosine schedule is fitted to it.
+    """
+    config = common.base_config(
+        batch_size=64,
+        eval_batch_size=500,
+        num_epochs=100,
+        learning_rate=3e-3,
+        warmup_steps=300,
+        grad_clip_norm=1.0,
+        log_every_steps=50,
+        eval_every_steps=0,
+        checkpoint_every_steps=1000,
+        time_budget_s=1800.0,
+    )
+    config.cell = cell
+    config.num_units = 64
+    config.state_size = 64
+    config.num_layers = 4
+    config.r_min = 0.9
+    config.r_max = 0.999
+    config.max_phase = 2 * np.pi
+    config.recurrent_lr_factor = 0.5
+    config.dropout = 0.1
+    config.unroll_method = "scan" if cell == "lstm" else "auto"
+    config.permuted = permuted
+    config.permutation_seed = 0
+    config.pixel_stride = 1
+    config.num_test_examples = 0
+    if cell == "lstm":
+        config.num_units = 128
+        config.learning_rate = 1e-3
+    return config
+
+
+def pixel_order(config: ml_collections.ConfigDict) -> np.ndarray:
+    """The flat pixel index read at each step: int32 `[ceil(784 / pixel_stride)]`.
+
+    Raster order, or with `config.permuted` the permutation drawn from
+    `np.random.default_rng(config.permutation_seed)`; then every `pixel_stride`-th step.
+    """
+    if config.pixel_stride < 1:
+        raise ValueError(f"config.pixel_stride must be >= 1, got {config.pixel_stride}.")
+    order = np.arange(NUM_STEPS)
+    if config.permuted:
+        order = np.random.default_rng(config.permutation_seed).permutation(NUM_STEPS)
+    return order[:: config.pixel_stride].astype(np.int32)
+
+
+def pixel_sequences(images: Array, order: np.ndarray) -> Array:
+    """uint8 `images: [B, 28, 28]` as float sequences `[B, T, 1]` in `[0, 1]`, step `t`
+    being pixel `order[t]` of the flattened image."""
+    flat = images.reshape(images.shape[0], NUM_STEPS)
+    return (jnp.take(flat, jnp.asarray(order), axis=1).astype(jnp.float32) / 255.0)[..., None]
+
+
+def _dense(key: PRNGKey, fan_in: int, fan_out: int) -> Params:
+    return {"w": jax.nn.initializers.glorot_uniform()(key, (fan_in, fan_out)), "b": jnp.zeros((fan_out,))}
+
+
+def _apply_dense(params: Params, x: Array) -> Array:
+    return x @ params["w"] + params["b"]
+
+
+def _layer_norm(params: Params, x: Array) -> Array:
+    """LayerNorm over the last axis of `x: [..., H]`, with scale and bias `[H]`."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.var(x, axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(variance + 1e-5) * params["scale"] + params["bias"]
+
+
+def _scale_recurrent(cell_params: Params, factor: float) -> Params:
+    """`cell_params` with `RECURRENT_KEYS` multiplied by `factor` (see the module docstring)."""
+    return {name: value * factor if name in RECURRENT_KEYS else value for name, value in cell_params.items()}
+
+
+def _dropout(rng: Optional[PRNGKey], rate: float, x: Array) -> Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def make_linear_cell(config: ml_collections.ConfigDict) -> RNNCell:
+    """The recurrence of one block of the linear stack: `lru(H, N, ...)` or `min_gru(H)`."""
+    if config.cell == "lru":
+        return lru(config.num_units, config.state_size, r_min=config.r_min, r_max=config.r_max,
+                   max_phase=config.max_phase)
+    return min_gru(config.num_units)
+
+
+def build_model(config: ml_collections.ConfigDict) -> mnist.Model:
+    """The classifier of `config`: `logits(params, images, lengths=None, rng=None) -> [B, 10]`
+    for uint8 `images: [B, 28, 28]` (`lengths` is not supported and must be `None`)."""
+    if config.cell not in CELL_TYPES:
+        raise ValueError(f"config.cell: unknown cell type {config.cell!r}; choose from {', '.join(CELL_TYPES)}.")
+    order = pixel_order(config)
+    if config.cell == "lstm":
+        return _lstm_model(config, order)
+    return _linear_stack_model(config, order)
+
+
+def _lstm_model(config: ml_collections.ConfigDict, order: np.ndarray) -> mnist.Model:
+    cell = lstm(config.num_units)
+
+    def init(key: PRNGKey) -> Params:
+        cell_key, out_key = jax.random.split(key)
+        return {"rnn": cell.init(cell_key, 1), "classifier": _dense(out_key, config.num_units, mnist.NUM_CLASSES)}
+
+    def logits(params: Params, images: Array, lengths: None = None, rng: Optional[PRNGKey] = None) -> Array:
+        del lengths, rng
+        outputs, _ = rnnlab.unroll(cell, params["rnn"], pixel_sequences(images, order), method=_unroll_method(config))
+        return _apply_dense(params["classifier"], outputs[:, -1])  # outputs: [B, T, H]
+
+    return mnist.Model(init, logits)
+
+
+def _linear_stack_model(config: ml_collections.ConfigDict, order: np.ndarray) -> mnist.Model:
+    cell = make_linear_cell(config)
+    width, factor = config.num_units, config.recurrent_lr_factor
+
+    def init_block(key: PRNGKey) -> Params:
+        cell_key, value_key, gate_key = jax.random.split(key, 3)
+        return {
+            "norm": {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))},
+            "cell": _scale_recurrent(cell.init(cell_key, width), 1.0 / factor),
+            "glu_value": _dense(value_key, width, width),
+            "glu_gate": _dense(gate_key, width, width),
+        }
+
+    def init(key: PRNGKey) -> Params:
+        encoder_key, out_key, *block_keys = jax.random.split(key, 2 + config.num_layers)
+        return {
+            "encoder": _dense(encoder_key, 1, width),
+            "blocks": [init_block(block_key) for block_key in block_keys],
+            "classifier": _dense(out_key, width, mnist.NUM_CLASSES),
+        }
+
+    def block(params: Params, x: Array, rng: Optional[PRNGKey]) -> Array:
+        """One residual block on `x: [B, T, H]`."""
+        cell_params = _scale_recurrent(params["cell"], factor)
+        y, _ = rnnlab.unroll(cell, cell_params, _layer_norm(params["norm"], x), method=_unroll_method(config))
+        y = jax.nn.gelu(y)
+        y = _apply_dense(params["glu_value"], y) * jax.nn.sigmoid(_apply_dense(params["glu_gate"], y))
+        return x + _dropout(rng, config.dropout, y)
+
+    def logits(params: Params, images: Array, lengths: None = None, rng: Optional[PRNGKey] = None) -> Array:
+        del lengths
+        x = _apply_dense(params["encoder"], pixel_sequences(images, order))  # [B, T, H]
+        rngs = [None] * config.num_layers if rng is None else list(jax.random.split(rng, config.num_layers))
+        for block_params, block_rng in zip(params["blocks"], rngs):
+            x = block(block_params, x, block_rng)
+        return _apply_dense(params["classifier"], jnp.mean(x, axis=1))
+
+    return mnist.Model(init, logits)
+
+
+def make_task(config: ml_collections.ConfigDict) -> tuple[train.Task, mnist.Model]:
+    """The training task (batches `{"image": uint8 [B, 28, 28], "label": int32 [B]}`)
+    and its model. Metrics per example: cross-entropy `loss`, `accuracy`."""
+    model = build_model(config)
+
+    def loss(params: Params, carry: None, batch: dict[str, Array], rng: Optional[PRNGKey]):
+        logits = model.logits(params, batch["image"], rng=rng)
+        losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=-1)[:, 0]
+        correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
+        return jnp.mean(losses), (carry, {"loss": losses, "accuracy": correct})
+
+    return train.Task(init_params=model.init, loss=loss), model
+
+
+def write_permutation(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """`permutation.json` in `workdir`: the seed and the pixel order read (see `pixel_order`)."""
+    os.makedirs(workdir, exist_ok=True)
+    train.write_json(os.path.join(workdir, "permutation.json"), {
+        "permuted": bool(config.permuted),
+        "permutation_seed": int(config.permutation_seed),
+        "pixel_stride": int(config.pixel_stride),
+        "order": pixel_order(config).tolist(),
+    })
+
+
+def _unroll_method(config: ml_collections.ConfigDict) -> str:
+    """Resolves "auto": the associative scan pays off on parallel hardware, not on a CPU."""
+    if config.unroll_method == "auto":
+        return "scan" if jax.default_backend() == "cpu" else "associative"
+    return config.unroll_method
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    mode: str = "train",
+    resume: bool = False,
+    data_dir: Optional[str] = None,
+    tfds_data_dir: Optional[str] = None,
+    name: str = "pixel_mnist",
+) -> dict[str, Any]:
+    """Trains ("train") or evaluates the newest checkpoint ("eval"); see `registry.RunFn`.
+
+    "train" writes what `rnnlab.train.train` writes plus `permutation.json` and
+    `curves.png`; "eval" writes `eval_results.json` (`step`, `test_loss`, `test_accuracy`).
+    """
+    common.check_mode(name, mode, ("train", "eval"))
+    task, _ = make_task(config)
+    test = mnist.load_split("test", data_dir, tfds_data_dir)
+    if config.num_test_examples:
+        test = {key: values[: config.num_test_examples] for key, values in test.items()}
+    if mode == "train":
+        train_data = mnist.load_split("train", data_dir, tfds_data_dir)
+        write_permutation(config, workdir)
+        result = train.train(task, config, workdir, train_data, {"test": test}, resume=resume)
+        if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
+        return result.results
+    params, step = train.restore_params(task, config, workdir)
+    values = train.evaluate(task, params, test, config.eval_batch_size)
+    results = {"step": step, **{f"test_{metric}": value for metric, value in values.items()}}
+    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    return results
+
+
+EXPERIMENTS = {
+    "lstm_pixel_mnist": ("LSTM(128) reading MNIST pixel by pixel (784 steps), lax.scan.",
+                         functools.partial(get_config, "lstm")),
+    "lru_pixel_mnist": ("4 LRU(64, N=64) residual GLU blocks on pixel MNIST, associative scan on GPU.",
+                        functools.partial(get_config, "lru")),
+    "lru_ppixel_mnist": ("4 LRU(64, N=64) residual GLU blocks on permuted pixel MNIST, associative scan on GPU.",
+                         functools.partial(get_config, "lru", permuted=True)),
+    "min_gru_ppixel_mnist": ("4 minGRU(64) residual GLU blocks on permuted pixel MNIST, associative scan on GPU.",
+                             functools.partial(get_config, "min_gru", permuted=True)),
+}
+
+for _name, (_description, _get_config) in EXPERIMENTS.items():
+    registry.register(_name, _description, _get_config, functools.partial(run, name=_name))

@@ -1,0 +1,105 @@
+"""The pixel MNIST experiments end to end on tiny generated IDX data, with 16-step
+sequences (`pixel_stride=49`), and the permutation they read the pixels in."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from data_fixtures import write_mnist_idx
+from experiments import mnist, pixel_mnist, registry
+
+PIXEL_EXPERIMENTS = sorted(pixel_mnist.EXPERIMENTS)
+
+
+def tiny(config, **overrides):
+    """`config` shrunk to a few steps of a width-8, one-block model on 16 pixels."""
+    config.update(dict(num_units=8, state_size=4, num_layers=1, pixel_stride=49, batch_size=16,
+                       eval_batch_size=16, num_steps=3, warmup_steps=1, log_every_steps=1,
+                       checkpoint_every_steps=0, time_budget_s=0.0, progress_bar=False))
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("data")
+    write_mnist_idx(str(directory), num_train=32, num_test=20)
+    return str(directory)
+
+
+def test_pixel_experiments_are_registered():
+    assert {"lstm_pixel_mnist", "lru_pixel_mnist", "lru_ppixel_mnist"} <= set(PIXEL_EXPERIMENTS)
+    assert set(PIXEL_EXPERIMENTS) <= set(registry.names())
+    assert pixel_mnist.get_config().time_budget_s == 1800
+
+
+@pytest.mark.parametrize("name", PIXEL_EXPERIMENTS)
+def test_experiment_trains_end_to_end(name, data_dir, tmp_path):
+    experiment = registry.get(name)
+    config = tiny(experiment.get_config())
+    results = experiment.run(config, str(tmp_path), mode="train", data_dir=data_dir)
+    assert results["steps"] == 3 and 0.0 <= results["test_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "results.json").read_text()) == pytest.approx(results)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = json.loads((tmp_path / "permutation.json").read_text())
+    assert written["order"] == pixel_mnist.pixel_order(config).tolist()
+    if name == "lru_ppixel_mnist":  # eval mode reproduces the final test figures
+        evaluated = experiment.run(config, str(tmp_path), mode="eval", data_dir=data_dir)
+        assert evaluated["step"] == 3
+        assert evaluated["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+
+
+def test_permutation_is_fixed_by_its_seed():
+    config = pixel_mnist.get_config(permuted=True)
+    order = pixel_mnist.pixel_order(config)
+    assert sorted(order.tolist()) == list(range(784))
+    assert np.array_equal(order, pixel_mnist.pixel_order(pixel_mnist.get_config(permuted=True)))
+    config.permutation_seed = 1
+    assert not np.array_equal(order, pixel_mnist.pixel_order(config))
+    assert np.array_equal(pixel_mnist.pixel_order(pixel_mnist.get_config()), np.arange(784))
+
+
+def test_permutation_is_applied_to_the_pixels():
+    config = pixel_mnist.get_config(permuted=True)
+    images = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    sequences = np.asarray(pixel_mnist.pixel_sequences(images, pixel_mnist.pixel_order(config)))
+    assert sequences.shape == (2, 784, 1)
+    order = np.random.default_rng(config.permutation_seed).permutation(784)
+    np.testing.assert_allclose(sequences[..., 0], images.reshape(2, 784)[:, order] / 255.0, rtol=1e-6)
+    strided = pixel_mnist.pixel_order(tiny(config))
+    np.testing.assert_array_equal(strided, order[::49])
+
+
+@pytest.mark.parametrize("cell", ["lru", "min_gru"])
+def test_associative_and_scan_unroll_give_the_same_loss(cell, data_dir):
+    """Same params, same batch, 196 steps: `associative_scan` equals `lax.scan`."""
+    batch = mnist.load_split("test", data_dir, None)
+    losses = {}
+    for method in ("associative", "scan"):
+        config = tiny(pixel_mnist.get_config(cell, permuted=True), pixel_stride=4, unroll_method=method)
+        task, _ = pixel_mnist.make_task(config)
+        params = task.init_params(jax.random.PRNGKey(0))
+        losses[method] = float(jax.jit(lambda p, b: task.loss(p, None, b, None)[0])(params, batch))
+    assert losses["associative"] == pytest.approx(losses["scan"], rel=1e-5)
+
+
+def test_recurrent_params_are_stored_scaled():
+    """ν, θ, γ are stored divided by `recurrent_lr_factor`; the model sees the same LRU."""
+    batch = {"image": np.full((2, 28, 28), 100, np.uint8), "label": np.array([1, 2], np.int32)}
+    nu_logs, losses = [], []
+    for factor in (1.0, 0.25):
+        task, _ = pixel_mnist.make_task(tiny(pixel_mnist.get_config("lru"), recurrent_lr_factor=factor))
+        params = task.init_params(jax.random.PRNGKey(0))
+        nu_logs.append(params["blocks"][0]["cell"]["nu_log"] * factor)
+        losses.append(float(task.loss(params, None, batch, None)[0]))
+    np.testing.assert_allclose(nu_logs[0], nu_logs[1], rtol=1e-6)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_unknown_cell_is_refused():
+    with pytest.raises(ValueError, match="unknown cell type 'gru'"):
+        pixel_mnist.build_model(pixel_mnist.get_config("gru"))
