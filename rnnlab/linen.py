@@ -81,7 +81,8 @@ class RNN(_RNNBase):
       reverse: run each sequence's valid prefix backwards (outputs in original order).
       time_major: inputs and outputs are `[T, B, ...]` instead of `[B, T, ...]`.
       remat: checkpoint the step (recompute it on the backward pass).
-      hoist: precompute the input projection of all steps when the cell allows it.
+      hoist: precompute the input projection of all steps when the cell allows it
+        (`None`: as `rnnlab.unroll` decides per backend).
       return_state: return `(outputs, final_state)` instead of `outputs`.
       deterministic: `True` disables dropout; may instead be given at call time.
 
@@ -94,7 +95,7 @@ class RNN(_RNNBase):
     reverse: bool = False
     time_major: bool = False
     remat: bool = False
-    hoist: bool = True
+    hoist: Optional[bool] = None
     return_state: bool = False
     deterministic: Optional[bool] = None
 
@@ -151,7 +152,7 @@ class Bidirectional(_RNNBase):
     unroll: int = 1
     time_major: bool = False
     remat: bool = False
-    hoist: bool = True
+    hoist: Optional[bool] = None
     return_state: bool = False
     deterministic: Optional[bool] = None
 
