@@ -1,0 +1,202 @@
+"""The rnnlab side of the benchmark: cells, data, the classifier, and the compiled
+forward and train-step programs for each unroll method.
+
+The model is a one-layer RNN classifier: `rnnlab.unroll` (or `rnnlab.bidirectional`)
+over `[B, T, I]` inputs, a linear head on the output at the last valid step, softmax
+cross-entropy. The train step is forward + backward + Adam (optax), jitted as a whole,
+with the params and optimiser state donated and carried from call to call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rnnlab
+from rnnlab.bench.config import MethodSpec, Shape, Workload
+from rnnlab.bench.timing import Program, jax_program
+from rnnlab.cells.base import Params, RNNCell
+
+LEARNING_RATE = 1e-3
+
+CELLS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lstm": ("lstm", {}),
+    "ln_lstm": ("lstm", {"layer_norm": True}),
+    "gru": ("gru", {}),
+    "gru_reset_after": ("gru", {"reset_after": True}),
+    "basic_rnn": ("basic_rnn", {}),
+    "min_gru": ("min_gru", {}),
+    "min_lstm": ("min_lstm", {}),
+    "lru": ("lru", {}),
+}
+"""Benchmark cell name -> (factory in `rnnlab.cells`, keyword arguments). `lru` gets
+`state_size = num_units` and needs `input_size == num_units`."""
+
+
+class CellUnavailable(Exception):
+    """The cell's factory is not (yet) part of `rnnlab.cells`."""
+
+
+class Data(NamedTuple):
+    """A fixed batch: inputs `x: [B, T, I]`, integer `labels: [B]`, `lengths: [B]`."""
+
+    x: np.ndarray
+    labels: np.ndarray
+    lengths: np.ndarray
+
+
+def make_cell(name: str, num_units: int) -> RNNCell:
+    """The rnnlab cell called `name` in `CELLS`, `num_units` wide."""
+    if name not in CELLS:
+        raise ValueError(f"unknown cell {name!r}; cells are {', '.join(CELLS)}.")
+    factory_name, kwargs = CELLS[name]
+    factory = getattr(rnnlab.cells, factory_name, None)
+    if factory is None:
+        raise CellUnavailable(f"rnnlab.cells has no {factory_name!r}")
+    if name == "lru":
+        kwargs = dict(kwargs, state_size=num_units)
+    return factory(num_units, **kwargs)
+
+
+def make_data(shape: Shape, num_classes: int, seed: int) -> Data:
+    """Standard normal inputs, uniform labels, lengths uniform in `[ceil(T/2), T]`."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((shape.batch_size, shape.seq_len, shape.input_size), dtype=np.float32)
+    labels = rng.integers(0, num_classes, shape.batch_size).astype(np.int32)
+    lengths = rng.integers((shape.seq_len + 1) // 2, shape.seq_len + 1, shape.batch_size).astype(np.int32)
+    return Data(x, labels, lengths)
+
+
+def cell_matmul_flops(cell_params: Params, batch_size: int, seq_len: int) -> float:
+    """Matmul FLOPs of one forward pass of a cell: `2·B·T·Σ K·N` over its 2-D weights
+    `[K, N]` (for an LSTM `2·B·T·(I+H)·4H`). Elementwise work is not counted."""
+    per_example_step = sum(
+        int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(cell_params) if jnp.ndim(leaf) == 2
+    )
+    return 2.0 * batch_size * seq_len * per_example_step
+
+
+def workload_flops(workload: Workload, rnn_params: Params, shape: Shape, mode: str) -> float:
+    """Matmul FLOPs of one call: the forward pass, or ≈ 3x it for a train step (the
+    backward pass does two matmuls per forward matmul). The head is not counted."""
+    directions = rnn_params.values() if "bidirectional" in workload.variants else [rnn_params]
+    forward = sum(cell_matmul_flops(p, shape.batch_size, shape.seq_len) for p in directions)
+    return forward if mode == "forward" else 3.0 * forward
+
+
+def init_classifier(workload: Workload, cell: RNNCell, shape: Shape, num_classes: int, seed: int) -> Params:
+    """`{"rnn": cell params ({"fw", "bw"} if bidirectional), "head": {"w", "b"}}`."""
+    key_rnn, key_head = jax.random.split(jax.random.PRNGKey(seed))
+    bidirectional = "bidirectional" in workload.variants
+    if bidirectional:
+        rnn_params = rnnlab.init_bidirectional(cell, cell, key_rnn, shape.input_size)
+    else:
+        rnn_params = cell.init(key_rnn, shape.input_size)
+    features = cell.output_size * (2 if bidirectional else 1)
+    head = {
+        "w": jax.random.normal(key_head, (features, num_classes)) / np.sqrt(features),
+        "b": jnp.zeros((num_classes,)),
+    }
+    return {"rnn": rnn_params, "head": head}
+
+
+def _at_step(ys: jax.Array, steps: jax.Array) -> jax.Array:
+    """`ys[b, steps[b]]` for batch-major `ys: [B, T, O]`."""
+    return jnp.take_along_axis(ys, steps[:, None, None], axis=1)[:, 0]
+
+
+def rnn_apply(
+    cell: RNNCell, workload: Workload, method: MethodSpec, rnn_params: Params, x: jax.Array, lengths: jax.Array
+) -> tuple[jax.Array, Any, jax.Array]:
+    """Runs the RNN part of the classifier.
+
+    Args:
+      x: `[B, T, I]`, or `[T, B, I]` when the method says `time_major`.
+      lengths: `[B]`, used with the `lengths` variant only.
+
+    Returns:
+      `(outputs, final_state, features)`: outputs in the layout of `x`, the features
+      `[B, F]` the head reads (the output at the last valid step; bidirectional: the
+      forward output there and the backward output at step 0).
+    """
+    options = method.kwargs
+    time_major = options.get("time_major", False)
+    lengths = lengths if "lengths" in workload.variants else None
+    kwargs = dict(options, method=method.method, lengths=lengths)
+    if "bidirectional" in workload.variants:
+        outputs, final = rnnlab.bidirectional(cell, cell, rnn_params, x, **kwargs)
+    else:
+        outputs, final = rnnlab.unroll(cell, rnn_params, x, **kwargs)
+    batch_major = jnp.swapaxes(outputs, 0, 1) if time_major else outputs
+    num_steps = batch_major.shape[1]
+    last = lengths - 1 if lengths is not None else jnp.full((batch_major.shape[0],), num_steps - 1)
+    if "bidirectional" in workload.variants:
+        width = cell.output_size
+        features = jnp.concatenate(
+            [_at_step(batch_major[..., :width], last), batch_major[:, 0, width:]], axis=-1
+        )
+    else:
+        features = _at_step(batch_major, last)
+    return outputs, final, features
+
+
+def classifier_loss(apply: Callable, params: Params, x, labels, lengths) -> jax.Array:
+    """Mean softmax cross-entropy of the linear head on the RNN features."""
+    _, _, features = apply(params["rnn"], x, lengths)
+    logits = features @ params["head"]["w"] + params["head"]["b"]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def build_program(
+    cell: RNNCell, workload: Workload, method: MethodSpec, mode: str, params: Params, data: Data
+) -> Program:
+    """Compiles the forward pass or the train step of `workload` run with `method`.
+
+    The checked outputs are batch-major whatever the method's layout: forward gives
+    `"outputs"` and `"final"`, the train step the first step's `"loss"` and `"grads"`.
+    """
+    apply = functools.partial(rnn_apply, cell, workload, method)
+    time_major = method.kwargs.get("time_major", False)
+    x = jnp.asarray(np.swapaxes(data.x, 0, 1) if time_major else data.x)
+    lengths = jnp.asarray(data.lengths)
+    params = jax.tree.map(jnp.array, params)  # a private copy: train steps donate it
+
+    if mode == "forward":
+
+        def forward(rnn_params, x, lengths):
+            outputs, final, _ = apply(rnn_params, x, lengths)
+            return outputs, final
+
+        def outputs_of(results):
+            outputs, final = results
+            return {"outputs": jnp.swapaxes(outputs, 0, 1) if time_major else outputs, "final": final}
+
+        return jax_program(forward, (params["rnn"], x, lengths), outputs_of)
+
+    optimizer = optax.adam(LEARNING_RATE)
+
+    def train_step(params, opt_state, x, labels, lengths):
+        loss, grads = jax.value_and_grad(functools.partial(classifier_loss, apply))(params, x, labels, lengths)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, grads
+
+    args = (params, optimizer.init(params), x, jnp.asarray(data.labels), lengths)
+    return jax_program(train_step, args, lambda r: {"loss": r[2], "grads": r[3]}, carry=2)
+
+
+def peak_program(size: int) -> tuple[Program, float]:
+    """A float32 `size x size` matmul and its FLOPs, the backend's peak reference."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    return jax_program(jnp.matmul, (a, a), lambda r: {}), 2.0 * size**3
+
+
+def skip_reason(cell: RNNCell, method: MethodSpec) -> Optional[str]:
+    """Why `method` cannot run `cell`, or `None`."""
+    if method.method == "associative" and cell.linear_recurrence is None:
+        return f"{cell.name} is not a linear recurrence"
+    return None

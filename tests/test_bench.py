@@ -1,0 +1,156 @@
+"""The unroll benchmark in tiny configurations: keys of results.json, the output check
+before timing, skipped peers and methods, the experiment entry point."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from rnnlab import bench
+from rnnlab.bench import runner, workloads
+from rnnlab.bench.config import BenchConfig, MethodSpec, Shape, Workload
+
+TINY = dict(
+    batch_size=2,
+    input_size=3,
+    num_units=4,
+    seq_lengths="3",
+    rounds=1,
+    calls=1,
+    warmup=0,
+    peak_matmul_size=8,
+    plots=False,
+)
+
+
+def tiny(**overrides) -> BenchConfig:
+    return BenchConfig(**{**TINY, **overrides})
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def records(payload, **match):
+    return [r for r in payload["results"] if all(r[k] == v for k, v in match.items())]
+
+
+@pytest.fixture(scope="module")
+def forward_run(tmp_path_factory):
+    """One small forward-only run shared by several tests: two lengths, every method
+    kind, a Flax peer, and Haiku made unimportable."""
+    workdir = tmp_path_factory.mktemp("bench")
+    config = tiny(seq_lengths="2,3", methods="scan,scan:unroll=2,static,associative",
+                  peers="flax_lstm,haiku_lstm", modes="forward", static_compile_budget_s=1e-6, plots=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "haiku", None)  # `import haiku` now raises ImportError
+        payload = bench.run_benchmark(config, str(workdir), log=quiet)
+    return payload, workdir
+
+
+def test_results_have_the_documented_keys(forward_run):
+    payload, workdir = forward_run
+    assert set(payload) == set(bench.RESULT_KEYS)
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert set(on_disk) == set(bench.RESULT_KEYS)
+    assert len(on_disk["results"]) == len(payload["results"]) == 2 * 7
+    for record in on_disk["results"]:
+        assert set(record) == set(bench.RECORD_KEYS)
+    for name in ("report.md", "time_forward.png", "compile.png"):
+        assert (workdir / name).stat().st_size > 0
+    assert payload["peak_gflops"] > 0
+
+
+def test_every_method_and_peer_is_checked_before_timing(forward_run):
+    payload, _ = forward_run
+    for reference in records(payload, target="lstm/scan"):
+        assert reference["note"] == "reference" and reference["status"] == "ok"
+    checked = records(payload, target="lstm/scan:unroll=2") + records(payload, target="peer/flax_lstm")
+    checked.append(records(payload, target="lstm/static")[0])
+    assert len(checked) == 5
+    for record in checked:
+        assert record["status"] == "ok", record
+        assert record["check"]["passed"] and record["check"]["reference"] == "lstm/scan"
+        assert "outputs" in record["check"]["compared"]
+        assert record["time_ms"]["count"] == 1 and record["first_call_s"] > 0
+        assert record["gflops"] > 0 and record["speedup_vs_best_peer"] > 0
+
+
+def test_missing_peer_and_inapplicable_methods_are_skipped(forward_run):
+    payload, _ = forward_run
+    for haiku in records(payload, target="peer/haiku_lstm"):
+        assert haiku["status"] == "skipped" and "not installed" in haiku["note"]
+        assert haiku["time_ms"] is None
+    for associative in records(payload, target="lstm/associative"):
+        assert associative["status"] == "skipped" and "not a linear recurrence" in associative["note"]
+    short, long = sorted(records(payload, target="lstm/static"), key=lambda r: r["shape"]["seq_len"])
+    assert short["status"] == "ok"
+    assert long["status"] == "skipped" and "predicted compile" in long["note"]
+
+
+def test_train_step_checks_loss_and_grads():
+    payload = bench.run_benchmark(tiny(methods="scan,scan:hoist=0", peers="", modes="train"), log=quiet)
+    (record,) = records(payload, target="lstm/scan:hoist=0")
+    assert record["status"] == "ok"
+    assert record["check"]["compared"] == ["grads", "loss"] and record["check"]["passed"]
+    assert record["flops"] == pytest.approx(3 * 2 * 2 * 3 * (3 + 4) * 4 * 4)
+
+
+def test_outputs_are_checked_before_timing(monkeypatch):
+    build = workloads.build_program
+
+    def wrong_for_unroll_2(cell, workload, method, mode, params, data):
+        program = build(cell, workload, method, mode, params, data)
+        if method.kwargs.get("unroll") == 2:
+            outputs = dict(program.outputs, outputs=program.outputs["outputs"] + 1.0)
+            return program._replace(outputs=outputs, run=lambda: pytest.fail("a mismatching method was timed"))
+        return program
+
+    monkeypatch.setattr(workloads, "build_program", wrong_for_unroll_2)
+    payload = bench.run_benchmark(tiny(methods="scan,scan:unroll=2", peers="", modes="forward"), log=quiet)
+    (record,) = records(payload, target="lstm/scan:unroll=2")
+    assert record["status"] == "mismatch" and record["time_ms"] is None
+    assert not record["check"]["passed"] and record["check"]["max_abs_diff"] == pytest.approx(1.0)
+
+
+def test_unavailable_cell_and_variants_do_not_crash():
+    config = tiny(cell="gru+lengths", methods="scan", extra="no_such_cell,lstm+bidirectional", peers="", modes="forward")
+    with pytest.raises(ValueError, match="unknown cell"):
+        workloads.make_cell("no_such_cell", 4)
+    payload = bench.run_benchmark(config, log=quiet)
+    assert records(payload, target="no_such_cell/scan")[0]["status"] == "skipped"
+    for target in ("gru+lengths/scan", "lstm+bidirectional/scan"):
+        assert records(payload, target=target)[0]["status"] == "ok"
+
+
+def test_parsing_and_validation():
+    assert MethodSpec.parse("scan:unroll=4,hoist=0").kwargs == {"unroll": 4, "hoist": False}
+    assert str(MethodSpec.parse("scan:unroll=4,hoist=0")) == "scan:unroll=4,hoist=0"
+    assert Shape.parse("64x100x64x256") == Shape(64, 100, 64, 256)
+    assert Workload.parse("gru+lengths") == Workload("gru", ("lengths",))
+    assert [s.seq_len for s in BenchConfig(seq_lengths="28,100").shape_list] == [28, 100]
+    for bad in (dict(methods="scan:foo=1"), dict(modes="backward"), dict(peers="tf"), dict(cell="lstm+nope"),
+                dict(shapes="1x2x3"), dict(rounds=0)):
+        with pytest.raises(ValueError):
+            BenchConfig(**bad)
+    with pytest.raises(ValueError, match="unknown bench config fields"):
+        BenchConfig.from_dict({"cells": "lstm"})
+    assert runner.predict_static_compile([(10, 1.0), (20, 4.0)], 40) == pytest.approx(16.0)
+    assert runner.predict_static_compile([(10, 1.0)], 30) == pytest.approx(3.0)
+    stats = bench.Stats.of([0.001, 0.002, 0.003])
+    assert (stats.median, stats.min, stats.max, stats.count) == (2.0, 1.0, 3.0, 3)
+
+
+def test_experiment_runs_from_its_config(tmp_path):
+    pytest.importorskip("ml_collections")
+    from experiments import bench as bench_experiment
+
+    config = bench_experiment.get_config()
+    config.update(dict(TINY, methods="scan", peers="", modes="forward"))
+    summary = bench_experiment.run(config, str(tmp_path), mode="train", resume=False, data_dir=None)
+    assert summary["fastest"]["T=3 forward"]["target"] == "lstm/scan"
+    assert (tmp_path / "results.json").exists()
+    assert np.isfinite(summary["peak_gflops"])
