@@ -3,6 +3,7 @@
     python launch.py --experiment=bilstm_mnist [--workdir=DIR] [--config.FIELD=VALUE ...]
                      [--mode=train|eval|sample] [--resume] [--data_dir=DIR]
                      [--tfds_data_dir=DIR]
+                     [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
     python launch.py --list
 
 `--config.FIELD` overrides any field of the chosen experiment's config (see
@@ -11,6 +12,10 @@ experiment or config field, a bad value, missing data, no checkpoint to resume) 
 with one line on stderr and exit status 1. A run stopped by SIGINT/SIGTERM saves a
 checkpoint and exits with 128 + the signal number; `--resume` continues it (a second
 Ctrl-C stops at once, without saving).
+
+Several hosts: run the same command on every host, one process each, adding
+`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (I = 0 on HOST0)
+and a `--workdir` that every host sees; see docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "train; eval or 
 flags.DEFINE_bool("resume", False, "Continue training from the newest checkpoint in --workdir.")
 flags.DEFINE_string("data_dir", None, "Directory with the data files (default: $RNNLAB_DATA_DIR, then TFDS).")
 flags.DEFINE_string("tfds_data_dir", None, "TensorFlow Datasets data directory.")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-process runs: HOST:PORT of process 0, the same for every process (docs/scaling.md).")
+flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes (one per host).", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 to num_processes - 1.",
+                     lower_bound=0)
 FLAGS = flags.FLAGS
 
 
@@ -87,6 +97,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str]) -> None:
     from experiments import registry
+    from rnnlab import distributed
     from rnnlab.train import NonFiniteLossError
 
     if len(argv) > 1:
@@ -96,6 +107,10 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.list:
         print(list_experiments())
         return
+    try:  # before anything touches a device
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as error:
+        fail(error)
     experiment = registry.get(FLAGS.experiment)
     workdir = FLAGS.workdir or os.path.join("runs", experiment.name)
     try:

@@ -169,16 +169,23 @@ def build_model(config: ml_collections.ConfigDict) -> Model:
     def logits(params: Params, images: Array, lengths: Optional[Array] = None,
                rng: Optional[PRNGKey] = None) -> Array:
         inputs = images.astype(jnp.float32) / 255.0  # [B, 28 rows = steps, 28 pixels]
-        last = NUM_ROWS - 1 if lengths is None else lengths - 1  # [] or [B]
-        rows = jnp.arange(inputs.shape[0])
+
+        def at_last(x: Array) -> Array:
+            """`x[b, lengths[b] - 1]` of `x: [B, T, F]`: a slice when every image is read to
+            the end, else `take_along_axis`; both keep the batch split across devices
+            (an index pair `x[arange(B), last]` makes XLA all-gather `x` over them)."""
+            if lengths is None:
+                return x[:, NUM_ROWS - 1]
+            return jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+
         if cells_bw:
             outputs, _ = rnnlab.stacked_bidirectional(
                 cells_fw, cells_bw, params["rnn"], inputs, lengths=lengths, rng=rng, **unroll_options
             )
-            final = jnp.concatenate([outputs[rows, last, :fw_size], outputs[:, 0, fw_size:]], axis=-1)
+            final = jnp.concatenate([at_last(outputs[..., :fw_size]), outputs[:, 0, fw_size:]], axis=-1)
         else:
             outputs, _ = rnnlab.unroll(recurrent, params["rnn"], inputs, lengths=lengths, rng=rng, **unroll_options)
-            final = outputs[rows, last]
+            final = at_last(outputs)
         return final @ params["classifier"]["w"] + params["classifier"]["b"]
 
     return Model(init, logits)

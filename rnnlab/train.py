@@ -34,6 +34,9 @@ Data order (deterministic for a given `config.seed`):
 Parallelism: a `jax.sharding.Mesh` over `jax.devices()` with one axis `"data"`; the
 batch and the carry are sharded along it, params and optimiser state replicated. On
 one device this is plain single-device training. `B` must divide by the device count.
+Several processes (hosts; see `rnnlab.distributed` and docs/scaling.md) run the same
+call on the same data: they stop together (signals and the time budget are agreed at
+every log step), checkpoint together, and only process 0 writes logs and results.
 
 The workdir receives:
   `config.json`; `metrics.jsonl` (one JSON object per line: `step`, `split` ("train"
@@ -72,6 +75,7 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rnnlab import checkpoint as checkpoint_lib
+from rnnlab import distributed
 from rnnlab import metrics as metrics_lib
 from rnnlab.cells.base import Array, Params, PRNGKey
 from rnnlab.checkpoint import CheckpointError
@@ -556,8 +560,10 @@ def train(
                 f"{os.path.abspath(workdir)} already holds checkpoints (newest: step {checkpointer.latest_step()}); "
                 "resume that run or choose another workdir."
             )
-    write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-    writer = metrics_lib.MetricWriter(workdir, resume_step=int(state.step) if resume else None)
+    main = distributed.is_main_process()  # with several processes, only process 0 writes logs and results
+    if main:
+        write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    writer = metrics_lib.MetricWriter(workdir, resume_step=int(state.step) if resume else None) if main else _NoWriter()
     try:
         loop = _Loop(task, config, workdir, plan, mesh, train_data, eval_data or {}, checkpointer, writer, on_eval)
         return loop.run(state)
@@ -587,6 +593,16 @@ def _restore_for_resume(checkpointer: checkpoint_lib.Checkpointer, state: TrainS
     return restored
 
 
+class _NoWriter:
+    """The metric writer of the processes other than 0: they log nothing."""
+
+    def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
+        del step, split, values
+
+    def close(self) -> None:
+        pass
+
+
 class _Loop:
     """The host side of one `train` call: steps, logs, evaluations, checkpoints."""
 
@@ -612,7 +628,7 @@ class _Loop:
         stop_reason = "done"
         permutation, permutation_epoch = jnp.zeros((0,), jnp.int32), None
         self.bar = tqdm.tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True,
-                             disable=not config.progress_bar, smoothing=0.1)
+                             disable=not (config.progress_bar and distributed.is_main_process()), smoothing=0.1)
         with self.bar, _StopSignals() as signals:
             while self.step < self.total:
                 epoch = self.step // plan.steps_per_epoch
@@ -625,11 +641,8 @@ class _Loop:
                 if self.step % config.log_every_steps == 0:
                     self._flush()
                     self._fit_schedule_to_budget()
-                if signals.received:
-                    stop_reason = signals.received
-                    break
-                if config.time_budget_s and time.monotonic() - self.started >= config.time_budget_s:
-                    stop_reason = "time_budget"
+                stop_reason = self._stop_reason(signals)
+                if stop_reason != "done":
                     break
                 if config.eval_every_steps and self.step % config.eval_every_steps == 0 and self.step < self.total:
                     self._evaluate()
@@ -653,8 +666,24 @@ class _Loop:
         }
         for split, values in self.last_eval.items():
             results.update({f"{split}_{name}": value for name, value in values.items()})
-        write_json(os.path.join(self.workdir, "results.json"), results)
+        if distributed.is_main_process():
+            write_json(os.path.join(self.workdir, "results.json"), results)
         return TrainResult(self.state, results)
+
+    def _stop_reason(self, signals: _StopSignals) -> str:
+        """Why to stop after this step: "SIGINT" or "SIGTERM" (received since the loop
+        began), "time_budget", or "done" to go on. With several processes they decide
+        together, at log steps only (a collective): one process stopping alone would
+        leave the others waiting in the next step's all-reduce."""
+        config = self.config
+        reason = signals.received or "done"
+        if reason == "done" and config.time_budget_s and time.monotonic() - self.started >= config.time_budget_s:
+            reason = "time_budget"
+        if jax.process_count() == 1:
+            return reason
+        if self.step % config.log_every_steps and self.step < self.total:
+            return "done"
+        return distributed.agreed_stop_reason(reason)
 
     def _flush(self) -> None:
         """Fetches the pending training metrics, checks the loss and logs the means."""
@@ -689,6 +718,7 @@ class _Loop:
         seconds_per_step = (now - self.steady[0]) / max(self.step - self.steady[1], 1)
         remaining = config.time_budget_s - (now - self.started)
         total = int(np.clip(self.step + remaining / seconds_per_step, self.step + 1, self.plan.total_steps))
+        total = int(distributed.broadcast_from_main(np.int32(total)))  # one schedule on every process
         if total != self.total:
             self.total = total
             self.state = self.state.replace(total_steps=jax.device_put(jnp.int32(total), _replicated(self.mesh)))
