@@ -58,9 +58,11 @@ def _json_float(value: float) -> float | str:
 
 
 def _truncate_after(path: str, step: int) -> None:
+    """Drops the records after `step` (logged by a run that was then killed), atomically."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         f.writelines(kept)
+    os.replace(path + ".tmp", path)
