@@ -111,6 +111,20 @@ def check_input(x: Array, input_size: int, cell_name: str) -> None:
         )
 
 
+def checked_step(
+    name: str, input_projection: ProjectionFn, projected_step: StepFn, input_kernel: str = "w_x"
+) -> StepFn:
+    """The one-example `step` of a cell split for hoisting:
+    `projected_step(params, state, input_projection(params, x))`, with `x` checked
+    against the input size of `params[input_kernel]` (`[input_size, ...]`)."""
+
+    def step(params: Params, state: State, x: Array) -> tuple[State, Array]:
+        check_input(x, params[input_kernel].shape[0], name)
+        return projected_step(params, state, input_projection(params, x))
+
+    return step
+
+
 def glorot_uniform(key: PRNGKey, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
     """Glorot/Xavier uniform, the default kernel initialiser of TF1 and Keras RNN cells."""
     return jax.nn.initializers.glorot_uniform()(key, shape, dtype)

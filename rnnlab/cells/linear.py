@@ -24,7 +24,7 @@ from rnnlab.cells.base import (
     Params,
     PRNGKey,
     RNNCell,
-    check_input,
+    checked_step,
     check_positive_int,
     glorot_uniform,
 )
@@ -108,9 +108,7 @@ def _minimal_rnn(
         h = a * h + b
         return h, h
 
-    def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
-        check_input(x, params["w_x"].shape[0], name)
-        return projected_step(params, h, input_projection(params, x))
+    step = checked_step(name, input_projection, projected_step)
 
     def readout(params: Params, h: Array, x: Array) -> Array:
         del params, x
@@ -279,9 +277,7 @@ def lru(
         h = lru_eigenvalues(params) * h + b
         return h, readout_from_skip(params, h, z[..., 2 * state_size :])
 
-    def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
-        check_input(x, params["B_re"].shape[0], name)
-        return projected_step(params, h, input_projection(params, x))
+    step = checked_step(name, input_projection, projected_step, input_kernel="B_re")
 
     def coefficients(params: Params, x: Array) -> tuple[Array, Array]:
         gamma = jnp.exp(params["gamma_log"])

@@ -20,7 +20,7 @@ from rnnlab.cells.base import (
     Params,
     PRNGKey,
     RNNCell,
-    check_input,
+    checked_step,
     check_positive_int,
     glorot_uniform,
     orthogonal,
@@ -222,9 +222,7 @@ def lstm(
                 h = jnp.clip(h, -proj_clip, proj_clip)
         return LSTMState(c=c, h=h), h
 
-    def step(params: Params, state: LSTMState, x: Array) -> tuple[LSTMState, Array]:
-        check_input(x, params["w_x"].shape[0], name)
-        return projected_step(params, state, input_projection(params, x))
+    step = checked_step(name, input_projection, projected_step)
 
     return RNNCell(
         init=init,

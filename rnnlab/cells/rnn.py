@@ -12,7 +12,7 @@ from rnnlab.cells.base import (
     Params,
     PRNGKey,
     RNNCell,
-    check_input,
+    checked_step,
     check_positive_int,
     glorot_uniform,
     orthogonal,
@@ -49,9 +49,7 @@ def basic_rnn(num_units: int, activation: Callable[[Array], Array] = jnp.tanh) -
         h = activation(z + h @ params["w_h"])
         return h, h
 
-    def step(params: Params, h: Array, x: Array) -> tuple[Array, Array]:
-        check_input(x, params["w_x"].shape[0], name)
-        return projected_step(params, h, input_projection(params, x))
+    step = checked_step(name, input_projection, projected_step)
 
     return RNNCell(
         init=init,
