@@ -6,8 +6,11 @@ from `x_t` only. Two steps compose into one step of the same form,
     (a_1, b_1) ∘ (a_2, b_2) = (a_1 a_2, a_2 b_1 + b_2),
 
 and `∘` is associative, so `jax.lax.associative_scan` gives all `T` states with
-`O(log T)` sequential depth instead of `T`. The coefficients of all steps come first,
-in one vmapped (hoisted) computation.
+`O(log T)` sequential depth instead of `T` (and `O(T)` work, about twice the
+sequential scan's). The coefficients of all steps come first, in one vmapped (hoisted)
+computation. The states are the solution of a bidiagonal linear system, and JAX
+differentiates them through `jax.lax.custom_linear_solve`: the backward pass is a
+second associative scan, from the last step to the first.
 
 Cells with positive coefficients (minGRU, minLSTM) offer `log_coefficients`; they are
 scanned in log space, as Feng et al. (2024) do, with
@@ -117,9 +120,38 @@ def _where_valid(valid: Array, tree: Any, fill: float) -> Any:
 
 def _states(a: Array, b: Array, h0: Array) -> Array:
     """`h_t = a_t h_{t-1} + b_t` for all `t` (`a, b: [T, ...]`, `h0: [...]`), with `h0`
-    folded into `b_0`."""
+    folded into `b_0`.
+
+    The states solve the bidiagonal linear system `M h = b`, `(M h)_t = h_t − a_t h_{t-1}`.
+    `jax.lax.custom_linear_solve` lets JAX differentiate the solution implicitly: the
+    backward pass is one more scan, `M^T λ = ḡ`, run from the last step to the first
+    (`λ_t = ḡ_t + a_{t+1} λ_{t+1}`), instead of the transpose of every slice and pad
+    inside `associative_scan`; forward-mode derivatives keep working.
+    """
     b = b.at[0].add(a[0] * h0)
+    return jax.lax.custom_linear_solve(
+        lambda h: h - a * _previous(h),
+        b,
+        solve=lambda _, rhs: _prefix_states(a, rhs),
+        transpose_solve=lambda _, rhs: _suffix_states(a, rhs),
+    )
+
+
+def _previous(h: Array) -> Array:
+    """`h_{t-1}` at every step `t` of `h: [T, ...]`, zero at `t = 0`."""
+    return jnp.concatenate([jnp.zeros_like(h[:1]), h[:-1]])
+
+
+def _prefix_states(a: Array, b: Array) -> Array:
+    """`h_t = a_t h_{t-1} + b_t` from `h_{-1} = 0`, by an associative scan over `t`."""
     return jax.lax.associative_scan(_compose, (a, b))[1]
+
+
+def _suffix_states(a: Array, g: Array) -> Array:
+    """`λ_t = g_t + a_{t+1} λ_{t+1}` from `λ_T = 0`: the transposed system `M^T λ = g`,
+    by an associative scan from the last step to the first."""
+    a_next = jnp.concatenate([a[1:], jnp.zeros_like(a[:1])])
+    return jax.lax.associative_scan(_compose, (a_next, g), reverse=True)[1]
 
 
 def _compose(earlier: tuple[Array, Array], later: tuple[Array, Array]) -> tuple[Array, Array]:

@@ -108,9 +108,10 @@ def test_gradients_match_scan(name):
     _assert_trees_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["min_gru", "min_lstm"])
+@pytest.mark.parametrize("name", CELLS)
 def test_forward_mode_matches_scan(name):
-    """The log-space scan's custom JVP: `jax.jvp` works and matches `method="scan"`."""
+    """Forward mode through the log-space scan's custom JVP (minGRU, minLSTM) and the
+    linear-space scan's `custom_linear_solve` (LRU) matches `method="scan"`."""
     cell, params, xs, h0 = _setup(name, seed=12)
     direction = jax.random.normal(jax.random.PRNGKey(13), xs.shape)
 
