@@ -3,7 +3,8 @@
 * `stack`: TF1's `MultiRNNCell`, layers of any cell types and widths.
 * `dropout`: TF1's `DropoutWrapper`, with input/output/state keep probabilities and
   variational (one mask per sequence) dropout.
-* `residual`: TF1's `ResidualWrapper`, output `x + cell(x)`.
+* `residual`: TF1's `ResidualWrapper`, output `x + cell(x)`; a linear recurrence stays one
+  (`method="associative"` still applies).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, State
+from rnnlab.cells.base import Array, LinearRecurrence, Params, PRNGKey, RNNCell, State
 
 
 def stack(cells: Sequence[RNNCell]) -> RNNCell:
@@ -206,4 +207,17 @@ def residual(cell: RNNCell) -> RNNCell:
         step=step,
         output_size=cell.output_size,
         name=name,
+        linear_recurrence=_residual_recurrence(cell.linear_recurrence),
     )
+
+
+def _residual_recurrence(recurrence: Optional[LinearRecurrence]) -> Optional[LinearRecurrence]:
+    """A linear recurrence stays one under `residual`: only its readout gains `+ x`."""
+    if recurrence is None:
+        return None
+    inner_readout = recurrence.readout
+
+    def readout(params: Params, h: State, x: Array) -> Array:
+        return x + inner_readout(params, h, x)
+
+    return recurrence._replace(readout=readout)

@@ -284,3 +284,16 @@ def test_nonlinear_cell_raises():
 def test_stack_with_a_nonlinear_layer_raises():
     with pytest.raises(ValueError, match=r"layer 1: basic_rnn\(4\) is not a linear recurrence"):
         _trace_associative_unroll(rnnlab.stack([min_gru(4), basic_rnn(4)]))
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_residual_linear_cell_runs_associative(name):
+    """`residual` keeps the linear recurrence: the associative unroll adds the input."""
+    cell = rnnlab.residual(CELLS[name][0]())
+    input_size = cell.output_size  # the residual adds the input to the output
+    params = cell.init(jax.random.PRNGKey(8), input_size)
+    xs = jax.random.normal(jax.random.PRNGKey(9), (B, T, input_size))
+    ys, final = rnnlab.unroll(cell, params, xs, lengths=LENGTHS, method="associative")
+    ys_ref, final_ref = rnnlab.unroll(cell, params, xs, lengths=LENGTHS, method="scan")
+    _assert_trees_close(ys, ys_ref, **TOLERANCE)
+    _assert_trees_close(final, final_ref, **TOLERANCE)
