@@ -21,6 +21,8 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 CELLS = {
     "min_gru": (lambda: min_gru(6), 4),
     "min_lstm": (lambda: min_lstm(6), 4),
+    "min_gru_log": (lambda: min_gru(6, log_space=True), 4),
+    "min_lstm_log": (lambda: min_lstm(6, log_space=True), 4),
     "lru": (lambda: lru(6, 5, r_min=0.5, r_max=0.99), 6),
 }
 
@@ -110,8 +112,8 @@ def test_gradients_match_scan(name):
 
 @pytest.mark.parametrize("name", CELLS)
 def test_forward_mode_matches_scan(name):
-    """Forward mode through the log-space scan's custom JVP (minGRU, minLSTM) and the
-    linear-space scan's `custom_linear_solve` (LRU) matches `method="scan"`."""
+    """Forward mode through the log-space scan's custom JVP (`log_space=True`) and the
+    linear-space scan's `custom_linear_solve` matches `method="scan"`."""
     cell, params, xs, h0 = _setup(name, seed=12)
     direction = jax.random.normal(jax.random.PRNGKey(13), xs.shape)
 
@@ -135,13 +137,15 @@ def test_step_continues_an_associative_unroll(name):
     np.testing.assert_allclose(np.asarray(y_last), np.asarray(ys[:, T - 1]), **TOLERANCE)
 
 
-@pytest.mark.parametrize("name", ["min_gru", "min_lstm"])
+@pytest.mark.parametrize("name", ["min_gru_log", "min_lstm_log"])
 def test_log_coefficients_are_logs_of_coefficients(name):
     cell, params, xs, _ = _setup(name)
     recurrence = cell.linear_recurrence
     x = 3.0 * xs[0, 0]
     log_a, log_b = recurrence.log_coefficients(params, x)
     _assert_trees_close((jnp.exp(log_a), jnp.exp(log_b)), recurrence.coefficients(params, x), **TOLERANCE)
+    linear_space_cell = CELLS[name.removesuffix("_log")][0]()
+    assert linear_space_cell.linear_recurrence.log_coefficients is None  # linear space by default
 
 
 # -- float64 NumPy references written from the papers' equations ----------------------
@@ -199,7 +203,8 @@ def _reference_unroll(name, params, xs, h0):
     """The reference over each example of `xs: [B, T, I]` in float64."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     h0 = np.asarray(h0).astype(np.complex128 if np.iscomplexobj(h0) else np.float64)
-    results = [REFERENCES[name](p, np.asarray(x, np.float64), h) for x, h in zip(xs, h0)]
+    reference = REFERENCES[name.removesuffix("_log")]  # the log-space form computes the same
+    results = [reference(p, np.asarray(x, np.float64), h) for x, h in zip(xs, h0)]
     return np.stack([ys for ys, _ in results]), np.stack([h for _, h in results])
 
 

@@ -32,6 +32,8 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "basic_rnn": ("basic_rnn", {}),
     "min_gru": ("min_gru", {}),
     "min_lstm": ("min_lstm", {}),
+    "min_gru_log": ("min_gru", {"log_space": True}),
+    "min_lstm_log": ("min_lstm", {"log_space": True}),
     "lru": ("lru", {}),
 }
 """Benchmark cell name -> (factory in `rnnlab.cells`, keyword arguments). `lru` gets
