@@ -22,6 +22,7 @@ TINY = dict(
     calls=1,
     warmup=0,
     peak_matmul_size=8,
+    peak_bandwidth_mib=1,
     plots=False,
 )
 
@@ -56,12 +57,13 @@ def test_results_have_the_documented_keys(forward_run):
     assert set(payload) == set(bench.RESULT_KEYS)
     on_disk = json.loads((workdir / "results.json").read_text())
     assert set(on_disk) == set(bench.RESULT_KEYS)
-    assert len(on_disk["results"]) == len(payload["results"]) == 2 * 7
+    assert len(on_disk["results"]) == len(payload["results"]) == 2 * 8  # 7 targets + the bandwidth reference
     for record in on_disk["results"]:
         assert set(record) == set(bench.RECORD_KEYS)
     for name in ("report.md", "time_forward.png", "compile.png"):
         assert (workdir / name).stat().st_size > 0
     assert payload["peak_gflops"] > 0
+    assert payload["peak_memory_gbps"] > 0
 
 
 def test_every_method_and_peer_is_checked_before_timing(forward_run):

@@ -11,7 +11,8 @@ or `python -m rnnlab.bench --cell=lstm --seq_lengths=28,100 --workdir=...`, or
 `run_benchmark` returns (and writes to `workdir/results.json`) a dict with the keys
 `RESULT_KEYS`: `config` (the `BenchConfig` fields), `environment` (versions, backend,
 CPU, `XLA_FLAGS`, load average at start and end), `peak_gflops` (median float32
-matmul GFLOP/s over the shapes), and `results`: one record per (shape, target, mode)
+matmul GFLOP/s over the shapes), `peak_memory_gbps` (median GB/s of the `a*x+y`
+bandwidth reference, or `None` when not timed), and `results`: one record per (shape, target, mode)
 with the keys `RECORD_KEYS` (see `Result`).
 """
 
@@ -28,7 +29,7 @@ from rnnlab.bench.report import text_table, write_outputs
 from rnnlab.bench.runner import Result, environment, run_shapes
 from rnnlab.bench.timing import Program, Stats
 
-RESULT_KEYS = ("config", "environment", "peak_gflops", "results")
+RESULT_KEYS = ("config", "environment", "peak_gflops", "peak_memory_gbps", "results")
 RECORD_KEYS = tuple(f.name for f in dataclasses.fields(Result))
 
 
@@ -41,10 +42,12 @@ def run_benchmark(
     results = run_shapes(config, log)
     env["load_average_end"] = list(os.getloadavg())
     peaks = [r.gflops for r in results if r.kind == "peak" and r.gflops]
+    bandwidths = [r.gbytes_per_s for r in results if r.kind == "peak" and r.gbytes_per_s]
     payload = {
         "config": dataclasses.asdict(config),
         "environment": env,
         "peak_gflops": float(np.median(peaks)) if peaks else None,
+        "peak_memory_gbps": float(np.median(bandwidths)) if bandwidths else None,
         "results": [r.to_json() for r in results],
     }
     log("\n" + text_table(results))

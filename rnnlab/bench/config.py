@@ -128,6 +128,8 @@ class BenchConfig:
       static_max_seq_len: `static` is skipped above this length (0: no limit).
       rtol, atol: tolerances of the output check against the reference method.
       peak_matmul_size: `N` of the `N x N` float32 matmul timed as the peak reference.
+      peak_bandwidth_mib: MiB per vector of the `a*x+y` timed as the memory-bandwidth
+        reference (0: not timed).
       seed: seeds parameters and data.
       plots: write the PNG plots.
       torch_threads: `torch.set_num_threads` for the PyTorch peer; 0 means
@@ -153,6 +155,7 @@ class BenchConfig:
     rtol: float = 1e-4
     atol: float = 1e-5
     peak_matmul_size: int = 2048
+    peak_bandwidth_mib: int = 64
     seed: int = 0
     plots: bool = True
     torch_threads: int = 0
@@ -171,8 +174,9 @@ class BenchConfig:
         for name in ("rounds", "calls", "num_classes", "peak_matmul_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}.")
+        for name in ("warmup", "peak_bandwidth_mib"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if not self.shape_list:
             raise ValueError("no shapes: set seq_lengths or shapes.")
         if self.torch_threads < 0:

@@ -104,7 +104,9 @@ def markdown_report(payload: dict[str, Any], results: list[Result], plots: list[
         "compile is trace + lower + XLA compile of the first call, reported apart. "
         "GFLOP/s counts the matmul FLOPs of the recurrent work (forward `2·B·T·Σ K·N` over "
         "the cell's `[K, N]` weights, train step 3x that); `% peak` is against the "
-        "float32 matmul timed in the same rounds (its best call); `x best peer` > 1 is faster than the fastest peer.",
+        "float32 matmul timed in the same rounds (its best call); `x best peer` > 1 is faster than the fastest peer. "
+        "`peak/memory` is the memory-bandwidth reference (`a*x+y`, its best call, GB/s in the note): the "
+        "limit of elementwise work such as a linear recurrence's scan.",
         "",
         "Config: `" + json.dumps(payload["config"], sort_keys=True) + "`",
         "",

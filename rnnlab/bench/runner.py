@@ -20,6 +20,7 @@ from rnnlab.bench.timing import Program, Stats, time_interleaved
 from rnnlab.bench import workloads
 
 PEAK_TARGET = "peak/matmul"
+BANDWIDTH_TARGET = "peak/memory"
 STATIC_MIN_EXPONENT = 1.0  # static compile time grows at least linearly in T
 STATIC_MAX_EXPONENT = 3.0
 
@@ -42,6 +43,8 @@ class Result:
     time_ms: Optional[Stats] = None
     flops: Optional[float] = None
     gflops: Optional[float] = None
+    bytes_moved: Optional[float] = None
+    gbytes_per_s: Optional[float] = None
     fraction_of_peak: Optional[float] = None
     speedup_vs_best_peer: Optional[float] = None
     check: Optional[dict[str, Any]] = None
@@ -191,6 +194,11 @@ def run_shapes(config: BenchConfig, log: Callable[[str], None] = print) -> list[
         peak = Result(PEAK_TARGET, "peak", f"{config.peak_matmul_size}^3 float32 matmul", config.mode_list[0],
                       shape, flops=peak_flops)
         run.add(peak, lambda: peak_program, None)
+        if config.peak_bandwidth_mib:
+            bandwidth_program, moved = workloads.bandwidth_program(config.peak_bandwidth_mib)
+            bandwidth = Result(BANDWIDTH_TARGET, "peak", f"a*x+y, 3 x {config.peak_bandwidth_mib} MiB float32",
+                               config.mode_list[0], shape, bytes_moved=moved)
+            run.add(bandwidth, lambda: bandwidth_program, None)
         reference = _add_rnnlab(run, config.workload, config.method_specs, static_history)
         for workload in config.extra_workloads:
             _add_rnnlab(run, workload, config.method_specs[:1], static_history)
@@ -303,6 +311,10 @@ def _derive(results: list[Result], peak: Result) -> None:
     peak_gflops = peak.flops / peak.time_ms.min / 1e6 if peak.time_ms else None
     if peak_gflops:
         peak.gflops, peak.fraction_of_peak = peak_gflops, 1.0
+    for r in results:
+        if r.bytes_moved and r.time_ms:  # the bandwidth reference, at its best call too
+            r.gbytes_per_s = r.bytes_moved / r.time_ms.min / 1e6
+            r.note = f"{r.gbytes_per_s:.1f} GB/s"
     best_peer: dict[str, float] = {}
     for r in results:
         if r.kind == "peer" and r.time_ms:

@@ -197,6 +197,16 @@ def peak_program(size: int) -> tuple[Program, float]:
     return jax_program(jnp.matmul, (a, a), lambda r: {}), 2.0 * size**3
 
 
+def bandwidth_program(size_mib: int) -> tuple[Program, float]:
+    """`a * x + y` over float32 vectors of `size_mib` MiB each and the bytes it moves
+    (two reads and a write), the backend's memory-bandwidth reference: what a
+    memory-bound elementwise recurrence can reach at best."""
+    n = size_mib * 2**20 // 4
+    x = jax.random.normal(jax.random.PRNGKey(1), (n,), jnp.float32)
+    y = jax.random.normal(jax.random.PRNGKey(2), (n,), jnp.float32)
+    return jax_program(lambda x, y: 1.0001 * x + y, (x, y), lambda r: {}), 3.0 * 4 * n
+
+
 def skip_reason(cell: RNNCell, method: MethodSpec) -> Optional[str]:
     """Why `method` cannot run `cell`, or `None`."""
     if method.method == "associative" and cell.linear_recurrence is None:
