@@ -54,6 +54,12 @@ def _layer_norm(v: Array, scale: Array, shift: Array) -> Array:
     return centred * jax.lax.rsqrt(variance + LAYER_NORM_EPSILON) * scale + shift
 
 
+_recomputed_layer_norm = jax.checkpoint(_layer_norm)
+"""`_layer_norm` that keeps only its inputs for the backward pass and recomputes the
+rest there: inside a scan, storing its intermediates for every step costs more memory
+traffic than recomputing them (docs/benchmarks.md)."""
+
+
 def _check_clip(value: float | None, name: str) -> float | None:
     """Returns `value` as a float (or None), raising `ValueError` unless it is positive."""
     if value is None:
@@ -190,7 +196,7 @@ def lstm(
         gates = gates.reshape(gates.shape[:-1] + (num_gates, num_units))
         if layer_norm:
             per_gate = (num_gates, num_units)
-            gates = _layer_norm(
+            gates = _recomputed_layer_norm(
                 gates, params["ln_scale"].reshape(per_gate), params["ln_shift"].reshape(per_gate)
             )
         if cifg:
@@ -211,7 +217,7 @@ def lstm(
         if peepholes:
             o = o + params["w_o_diag"] * c
         c_out = (
-            _layer_norm(c, params["ln_cell_scale"], params["ln_cell_shift"])
+            _recomputed_layer_norm(c, params["ln_cell_scale"], params["ln_cell_shift"])
             if layer_norm_cell
             else c
         )
