@@ -17,7 +17,6 @@ to the forward state after row `t`.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -272,11 +271,7 @@ def run(
         if result.results["stop_reason"] in ("done", "time_budget"):
             write_plots(workdir, model, result.state.params, test, config.reading_digits)
         return result.results
-    params, step = train.restore_params(task, config, workdir)
-    values = train.evaluate(task, params, test, config.eval_batch_size)
-    results = {"step": step, **{f"test_{metric}": value for metric, value in values.items()}}
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    params, results = common.evaluate_newest_checkpoint(task, config, workdir, {"test": test})
     write_plots(workdir, model, params, test, config.reading_digits)
     return results
 

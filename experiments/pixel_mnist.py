@@ -24,7 +24,6 @@ as fast as the other params.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, Optional
 
@@ -65,11 +64,15 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
       pixel_stride: keep every this many steps of the pixel order (1 keeps all 784).
       num_test_examples: evaluate on the first this many test images (0: all 10,000;
         a forward pass over 784 steps is slow on a CPU, so short runs may use fewer).
-    Training fields: see `rnnlab.train.default_config`; `time_budget_s` is 30 minutes,
-    and the cosine schedule is fitted to it.
+    Training fields: see `rnnlab.train.default_config`; `time_budget_s` is 28 minutes,
+    so that with the final evaluation on the 10,000 test images a run ends within 30
+    minutes on a 2-core CPU, and the cosine schedule is fitted to it. The defaults are
+    the recipe measured there: 3 blocks, batch 32, no dropout (in under 4 epochs of the
+    22,699-image subset the model underfits, train and test accuracy alike, and dropout
+    cost about 17% of the examples per second).
     """
     config = common.base_config(
-        batch_size=64,
+        batch_size=32,
         eval_batch_size=500,
         num_epochs=100,
         learning_rate=3e-3,
@@ -78,17 +81,17 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
         log_every_steps=50,
         eval_every_steps=0,
         checkpoint_every_steps=1000,
-        time_budget_s=1800.0,
+        time_budget_s=1680.0,
     )
     config.cell = cell
     config.num_units = 64
     config.state_size = 64
-    config.num_layers = 4
+    config.num_layers = 3
     config.r_min = 0.9
     config.r_max = 0.999
     config.max_phase = 2 * np.pi
     config.recurrent_lr_factor = 0.5
-    config.dropout = 0.1
+    config.dropout = 0.0
     config.unroll_method = "scan" if cell == "lstm" else "auto"
     config.permuted = permuted
     config.permutation_seed = 0
@@ -281,22 +284,17 @@ def run(
         if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
             plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
         return result.results
-    params, step = train.restore_params(task, config, workdir)
-    values = train.evaluate(task, params, test, config.eval_batch_size)
-    results = {"step": step, **{f"test_{metric}": value for metric, value in values.items()}}
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-    return results
+    return common.evaluate_newest_checkpoint(task, config, workdir, {"test": test})[1]
 
 
 EXPERIMENTS = {
     "lstm_pixel_mnist": ("LSTM(128) reading MNIST pixel by pixel (784 steps), lax.scan.",
                          functools.partial(get_config, "lstm")),
-    "lru_pixel_mnist": ("4 LRU(64, N=64) residual GLU blocks on pixel MNIST, associative scan on GPU.",
+    "lru_pixel_mnist": ("3 LRU(64, N=64) residual GLU blocks on pixel MNIST, associative scan on GPU.",
                         functools.partial(get_config, "lru")),
-    "lru_ppixel_mnist": ("4 LRU(64, N=64) residual GLU blocks on permuted pixel MNIST, associative scan on GPU.",
+    "lru_ppixel_mnist": ("3 LRU(64, N=64) residual GLU blocks on permuted pixel MNIST, associative scan on GPU.",
                          functools.partial(get_config, "lru", permuted=True)),
-    "min_gru_ppixel_mnist": ("4 minGRU(64) residual GLU blocks on permuted pixel MNIST, associative scan on GPU.",
+    "min_gru_ppixel_mnist": ("3 minGRU(64) residual GLU blocks on permuted pixel MNIST, associative scan on GPU.",
                              functools.partial(get_config, "min_gru", permuted=True)),
 }
 

@@ -209,13 +209,7 @@ def run(
         train.write_json(os.path.join(workdir, "results.json"), results)
         plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
     else:
-        params, step = train.restore_params(task, config, workdir)
-        results = {"step": step}
-        for prefix, data in eval_data.items():
-            values = train.evaluate(task, params, data, config.eval_batch_size)
-            results.update({f"{prefix}_{metric}": value for metric, value in values.items()})
-        results.update(_rmse(results))
-        train.write_json(os.path.join(workdir, "eval_results.json"), results)
+        params, results = common.evaluate_newest_checkpoint(task, config, workdir, eval_data, derived=_rmse)
     test = eval_data["test"]
     shown = min(PLOT_POINTS, len(test["target"]))
     predictions = jax.jit(model.predict)(params, test["inputs"][:shown])
