@@ -12,7 +12,9 @@ Two models:
   `x + dropout(GLU(GELU(cell(LayerNorm(x)))))` with a linear-recurrence cell (`lru(H, N)`
   or `min_gru(H)`), mean pooling over time and a linear classifier. The cells are
   unrolled with `config.unroll_method`: "associative", "scan", or "auto" (the default:
-  the associative scan on GPU/TPU, `lax.scan` on CPU, where it measured 2x faster).
+  the associative scan on GPU/TPU, `lax.scan` on CPU, where the LRU's train step at
+  T=784 measured level with the associative scan and `lax.scan` compiles faster;
+  docs/benchmarks.md).
 
 The LRU paper trains the recurrence's `ν_log, θ_log, γ_log` with a smaller learning rate.
 `rnnlab.train` has one learning rate for all params, so the model stores these three as
