@@ -16,7 +16,7 @@ from rnnlab.cells.gru import gru
 from rnnlab.cells.lstm import lstm
 from rnnlab.cells.rnn import basic_rnn
 from rnnlab.linen import RNN, Bidirectional, uses_randomness
-from test_unroll import assert_trees_close, assert_trees_equal
+from test_unroll import assert_trees_equal
 
 B, T, I = 3, 6, 4
 LENGTHS = jnp.array([6, 2, 0])

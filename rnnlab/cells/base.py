@@ -111,10 +111,18 @@ def check_input(x: Array, input_size: int, cell_name: str) -> None:
         )
 
 
-def checked_step(
-    name: str, input_projection: ProjectionFn, projected_step: StepFn, input_kernel: str = "w_x"
-) -> StepFn:
-    """The one-example `step` of a cell split for hoisting:
+def hoistable_cell(
+    name: str,
+    output_size: int,
+    init: InitFn,
+    initial_state: InitialStateFn,
+    input_projection: ProjectionFn,
+    projected_step: StepFn,
+    *,
+    input_kernel: str = "w_x",
+    linear_recurrence: Optional[LinearRecurrence] = None,
+) -> RNNCell:
+    """The `RNNCell` of a step split for hoisting. Its `step` is
     `projected_step(params, state, input_projection(params, x))`, with `x` checked
     against the input size of `params[input_kernel]` (`[input_size, ...]`)."""
 
@@ -122,7 +130,32 @@ def checked_step(
         check_input(x, params[input_kernel].shape[0], name)
         return projected_step(params, state, input_projection(params, x))
 
-    return step
+    return RNNCell(
+        init=init,
+        initial_state=initial_state,
+        step=step,
+        output_size=output_size,
+        name=name,
+        input_projection=input_projection,
+        projected_step=projected_step,
+        linear_recurrence=linear_recurrence,
+    )
+
+
+def affine_input_projection(params: Params, x: Array) -> Array:
+    """`x·W_x + b` for `x: [..., I]`, `params["w_x"]: [I, G]`, `params["b"]: [G]`."""
+    return x @ params["w_x"] + params["b"]
+
+
+def zero_state(size: int, dtype_of: str) -> InitialStateFn:
+    """`initial_state` for a state that is one `[size]` vector of zeros, in the dtype of
+    `params[dtype_of]`."""
+
+    def initial_state(params: Params, rng: Optional[PRNGKey] = None) -> Array:
+        del rng
+        return jnp.zeros((size,), params[dtype_of].dtype)
+
+    return initial_state
 
 
 def glorot_uniform(key: PRNGKey, shape: tuple[int, ...], dtype=jnp.float32) -> Array:

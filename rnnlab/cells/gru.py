@@ -13,10 +13,12 @@ from rnnlab.cells.base import (
     Params,
     PRNGKey,
     RNNCell,
-    checked_step,
+    affine_input_projection,
     check_positive_int,
     glorot_uniform,
+    hoistable_cell,
     orthogonal,
+    zero_state,
 )
 
 
@@ -81,13 +83,6 @@ def gru(
             params["b_h"] = jnp.zeros((3 * num_units,))
         return params
 
-    def initial_state(params: Params, rng: PRNGKey | None = None) -> Array:
-        del rng
-        return jnp.zeros((num_units,), params["w_h"].dtype)
-
-    def input_projection(params: Params, x: Array) -> Array:
-        return x @ params["w_x"] + params["b"]
-
     def projected_step(params: Params, h: Array, z: Array) -> tuple[Array, Array]:
         w_h = params["w_h"]
         if reset_after:
@@ -101,14 +96,6 @@ def gru(
         h = u * h + (1.0 - u) * candidate
         return h, h
 
-    step = checked_step(name, input_projection, projected_step)
-
-    return RNNCell(
-        init=init,
-        initial_state=initial_state,
-        step=step,
-        output_size=num_units,
-        name=name,
-        input_projection=input_projection,
-        projected_step=projected_step,
+    return hoistable_cell(
+        name, num_units, init, zero_state(num_units, "w_h"), affine_input_projection, projected_step
     )

@@ -33,9 +33,11 @@ from rnnlab.cells.base import (
     Params,
     PRNGKey,
     RNNCell,
-    checked_step,
+    affine_input_projection,
     check_positive_int,
     glorot_uniform,
+    hoistable_cell,
+    zero_state,
 )
 
 CoefficientsFn = Callable[[Array], tuple[Array, Array]]
@@ -90,14 +92,17 @@ def _min_lstm_log_coefficients(z: Array) -> tuple[Array, Array]:
 
 
 def _minimal_rnn(
-    name: str,
+    kind: str,
     num_units: int,
     num_blocks: int,
     coefficients: CoefficientsFn,
-    log_coefficients: CoefficientsFn | None,
+    log_coefficients: CoefficientsFn,
+    log_space: bool,
 ) -> RNNCell:
     """A cell `h' = a ⊙ h + b`, `y = h'`, with `(a, b)` from `z = x·W_x + b_x: [num_blocks·H]`;
-    `log_coefficients`, when given, makes the associative unroll scan in log space."""
+    with `log_space`, the associative unroll scans `log_coefficients` in log space."""
+    num_units = check_positive_int(num_units, "num_units")
+    name = f"{kind}({num_units}{', log_space' if log_space else ''})"
 
     def init(key: PRNGKey, input_size: int) -> Params:
         input_size = check_positive_int(input_size, "input_size")
@@ -106,40 +111,32 @@ def _minimal_rnn(
             "b": jnp.zeros((num_blocks * num_units,)),
         }
 
-    def initial_state(params: Params, rng: PRNGKey | None = None) -> Array:
-        del rng
-        return jnp.zeros((num_units,), params["w_x"].dtype)
-
-    def input_projection(params: Params, x: Array) -> Array:
-        return x @ params["w_x"] + params["b"]
-
     def projected_step(params: Params, h: Array, z: Array) -> tuple[Array, Array]:
         del params
         a, b = coefficients(z)
         h = a * h + b
         return h, h
 
-    step = checked_step(name, input_projection, projected_step)
-
     def readout(params: Params, h: Array, x: Array) -> Array:
         del params, x
         return h
 
-    return RNNCell(
-        init=init,
-        initial_state=initial_state,
-        step=step,
-        output_size=num_units,
-        name=name,
-        input_projection=input_projection,
-        projected_step=projected_step,
-        linear_recurrence=LinearRecurrence(
-            coefficients=lambda params, x: coefficients(input_projection(params, x)),
-            readout=readout,
-            log_coefficients=None
-            if log_coefficients is None
-            else lambda params, x: log_coefficients(input_projection(params, x)),
-        ),
+    def logs(params: Params, x: Array) -> tuple[Array, Array]:
+        return log_coefficients(affine_input_projection(params, x))
+
+    recurrence = LinearRecurrence(
+        coefficients=lambda params, x: coefficients(affine_input_projection(params, x)),
+        readout=readout,
+        log_coefficients=logs if log_space else None,
+    )
+    return hoistable_cell(
+        name,
+        num_units,
+        init,
+        zero_state(num_units, "w_x"),
+        affine_input_projection,
+        projected_step,
+        linear_recurrence=recurrence,
     )
 
 
@@ -165,14 +162,7 @@ def min_gru(num_units: int, *, log_space: bool = False) -> RNNCell:
     `input_projection(params, x) -> [..., 2H]` is `x·W_x + b`; the rest of the step is
     elementwise.
     """
-    num_units = check_positive_int(num_units, "num_units")
-    return _minimal_rnn(
-        f"min_gru({num_units}{', log_space' if log_space else ''})",
-        num_units,
-        2,
-        _min_gru_coefficients,
-        _min_gru_log_coefficients if log_space else None,
-    )
+    return _minimal_rnn("min_gru", num_units, 2, _min_gru_coefficients, _min_gru_log_coefficients, log_space)
 
 
 def min_lstm(num_units: int, *, log_space: bool = False) -> RNNCell:
@@ -198,13 +188,8 @@ def min_lstm(num_units: int, *, log_space: bool = False) -> RNNCell:
     `input_projection(params, x) -> [..., 3H]` is `x·W_x + b`; the rest of the step is
     elementwise.
     """
-    num_units = check_positive_int(num_units, "num_units")
     return _minimal_rnn(
-        f"min_lstm({num_units}{', log_space' if log_space else ''})",
-        num_units,
-        3,
-        _min_lstm_coefficients,
-        _min_lstm_log_coefficients if log_space else None,
+        "min_lstm", num_units, 3, _min_lstm_coefficients, _min_lstm_log_coefficients, log_space
     )
 
 
@@ -300,8 +285,6 @@ def lru(
         h = lru_eigenvalues(params) * h + b
         return h, readout_from_skip(params, h, z[..., 2 * state_size :])
 
-    step = checked_step(name, input_projection, projected_step, input_kernel="B_re")
-
     def coefficients(params: Params, x: Array) -> tuple[Array, Array]:
         gamma = jnp.exp(params["gamma_log"])
         return lru_eigenvalues(params), gamma * (x @ params["B_re"] + 1j * (x @ params["B_im"]))
@@ -309,13 +292,13 @@ def lru(
     def readout(params: Params, h: Array, x: Array) -> Array:
         return readout_from_skip(params, h, params["D"] * x)
 
-    return RNNCell(
-        init=init,
-        initial_state=initial_state,
-        step=step,
-        output_size=num_units,
-        name=name,
-        input_projection=input_projection,
-        projected_step=projected_step,
+    return hoistable_cell(
+        name,
+        num_units,
+        init,
+        initial_state,
+        input_projection,
+        projected_step,
+        input_kernel="B_re",
         linear_recurrence=LinearRecurrence(coefficients=coefficients, readout=readout),
     )

@@ -20,8 +20,8 @@ from rnnlab.cells.base import (
     Params,
     PRNGKey,
     RNNCell,
-    checked_step,
     check_positive_int,
+    hoistable_cell,
     glorot_uniform,
     orthogonal,
 )
@@ -228,17 +228,7 @@ def lstm(
                 h = jnp.clip(h, -proj_clip, proj_clip)
         return LSTMState(c=c, h=h), h
 
-    step = checked_step(name, input_projection, projected_step)
-
-    return RNNCell(
-        init=init,
-        initial_state=initial_state,
-        step=step,
-        output_size=output_size,
-        name=name,
-        input_projection=input_projection,
-        projected_step=projected_step,
-    )
+    return hoistable_cell(name, output_size, init, initial_state, input_projection, projected_step)
 
 
 def _name(

@@ -12,10 +12,12 @@ from rnnlab.cells.base import (
     Params,
     PRNGKey,
     RNNCell,
-    checked_step,
+    affine_input_projection,
     check_positive_int,
     glorot_uniform,
+    hoistable_cell,
     orthogonal,
+    zero_state,
 )
 
 
@@ -38,25 +40,10 @@ def basic_rnn(num_units: int, activation: Callable[[Array], Array] = jnp.tanh) -
             "b": jnp.zeros((num_units,)),
         }
 
-    def initial_state(params: Params, rng: PRNGKey | None = None) -> Array:
-        del rng
-        return jnp.zeros((num_units,), params["w_h"].dtype)
-
-    def input_projection(params: Params, x: Array) -> Array:
-        return x @ params["w_x"] + params["b"]
-
     def projected_step(params: Params, h: Array, z: Array) -> tuple[Array, Array]:
         h = activation(z + h @ params["w_h"])
         return h, h
 
-    step = checked_step(name, input_projection, projected_step)
-
-    return RNNCell(
-        init=init,
-        initial_state=initial_state,
-        step=step,
-        output_size=num_units,
-        name=name,
-        input_projection=input_projection,
-        projected_step=projected_step,
+    return hoistable_cell(
+        name, num_units, init, zero_state(num_units, "w_h"), affine_input_projection, projected_step
     )
