@@ -209,20 +209,24 @@ def _linear_stack_model(config: ml_collections.ConfigDict, order: np.ndarray) ->
         }
 
     def block(params: Params, x: Array, rng: Optional[PRNGKey]) -> Array:
-        """One residual block on `x: [B, T, H]`."""
+        """One residual block on time-major `x: [T, B, H]`."""
         cell_params = _scale_recurrent(params["cell"], factor)
-        y, _ = rnnlab.unroll(cell, cell_params, _layer_norm(params["norm"], x), method=_unroll_method(config))
+        normed = _layer_norm(params["norm"], x)
+        y, _ = rnnlab.unroll(cell, cell_params, normed, method=_unroll_method(config), time_major=True)
         y = jax.nn.gelu(y)
         y = _apply_dense(params["glu_value"], y) * jax.nn.sigmoid(_apply_dense(params["glu_gate"], y))
         return x + _dropout(rng, config.dropout, y)
 
     def logits(params: Params, images: Array, lengths: None = None, rng: Optional[PRNGKey] = None) -> Array:
         del lengths
-        x = _apply_dense(params["encoder"], pixel_sequences(images, order))  # [B, T, H]
+        # Time-major throughout: the unroll then needs no transposes, which cost the
+        # train step 15% on a CPU (a [B, T, H] layout measured 677 against 580 ms).
+        pixels = jnp.swapaxes(pixel_sequences(images, order), 0, 1)  # [T, B, 1]
+        x = _apply_dense(params["encoder"], pixels)  # [T, B, H]
         rngs = [None] * config.num_layers if rng is None else list(jax.random.split(rng, config.num_layers))
         for block_params, block_rng in zip(params["blocks"], rngs):
             x = block(block_params, x, block_rng)
-        return _apply_dense(params["classifier"], jnp.mean(x, axis=1))
+        return _apply_dense(params["classifier"], jnp.mean(x, axis=0))
 
     return mnist.Model(init, logits)
 

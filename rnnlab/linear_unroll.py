@@ -1,33 +1,40 @@
-"""The associative unroll: all states of a linear recurrence by a parallel prefix scan.
+"""Unrolling linear recurrences state-at-once: by a parallel prefix scan, or a sequential one.
 
 A cell with a `linear_recurrence` updates `h_t = a_t ⊙ h_{t-1} + b_t` with `a_t, b_t`
-from `x_t` only. Two steps compose into one step of the same form,
+from `x_t` only. So everything but that elementwise update can leave the loop: the
+coefficients of all steps come first, in one vmapped (hoisted) computation, the readout
+of all steps after, and only `h_t = a_t ⊙ h_{t-1} + b_t` is scanned. Two scans give the
+same states:
 
-    (a_1, b_1) ∘ (a_2, b_2) = (a_1 a_2, a_2 b_1 + b_2),
+* sequential (`method="scan"` with hoisting, the default for these cells): `lax.scan`
+  over the elementwise update alone, `T` steps of `O(B·N)` work;
+* associative (`method="associative"`): two steps compose into one step of the same
+  form, `(a_1, b_1) ∘ (a_2, b_2) = (a_1 a_2, a_2 b_1 + b_2)`, and `∘` is associative, so
+  `jax.lax.associative_scan` gives all `T` states with `O(log T)` sequential depth (and
+  `O(T)` work, about twice the sequential scan's).
 
-and `∘` is associative, so `jax.lax.associative_scan` gives all `T` states with
-`O(log T)` sequential depth instead of `T` (and `O(T)` work, about twice the
-sequential scan's). The coefficients of all steps come first, in one vmapped (hoisted)
-computation. The states are the solution of a bidiagonal linear system, and JAX
-differentiates them through `jax.lax.custom_linear_solve`: the backward pass is a
-second associative scan, from the last step to the first.
+The states are the solution of a bidiagonal linear system, and JAX differentiates them
+through `jax.lax.custom_linear_solve`: the backward pass is the same kind of scan, run
+from the last step to the first, and the gradients of the coefficients and of the
+readout's params are computed for all steps at once, outside the loop.
 
-Cells with positive coefficients (minGRU, minLSTM) offer `log_coefficients`; they are
-scanned in log space, as Feng et al. (2024) do, with
+Cells with positive coefficients (minGRU, minLSTM) offer `log_coefficients`; the
+associative scan then runs in log space, as Feng et al. (2024) do, with
 `(log a_1, log b_1) ∘ (log a_2, log b_2) = (log a_1 + log a_2,
 logaddexp(log a_2 + log b_1, log b_2))`. Its derivatives come from a custom JVP that
 scans the tangents in linear space (they obey the same recurrence), so forward and
-reverse mode both work, and the gradient compiles in about half the time that
-differentiating through the log-space scan would take.
+reverse mode both work. The sequential scan never divides or compounds products, so
+it stays in linear space.
 
-`rnnlab.unroll(..., method="associative")` calls `associative_unroll`; it has already
-validated the arguments and reversed the sequences for `reverse=True`. Generating one
-step at a time is `cell.step`, the same recurrence.
+`rnnlab.unroll` calls `linear_unroll`; it has already validated the arguments and
+reversed the sequences for `reverse=True`. Generating one step at a time is
+`cell.step`, the same recurrence.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +42,17 @@ import jax.numpy as jnp
 from rnnlab.cells.base import Array, LinearRecurrence, Params, RNNCell, State
 
 
-def associative_unroll(
-    cell: RNNCell, params: Params, xs: Array, initial_state: State, lengths: Optional[Array]
+def linear_unroll(
+    cell: RNNCell,
+    params: Params,
+    xs: Array,
+    initial_state: State,
+    lengths: Optional[Array],
+    *,
+    parallel: bool,
+    unroll: int = 1,
 ) -> tuple[Array, State]:
-    """Runs a linear-recurrence cell, or a stack of them, with `jax.lax.associative_scan`.
+    """Runs a linear-recurrence cell, or a stack of them, computing all states at once.
 
     Args:
       cell: a cell with a `linear_recurrence`, or a `rnnlab.stack` of such cells (run
@@ -49,6 +63,8 @@ def associative_unroll(
       lengths: int32 `[B]` with values in `[0, T]`, or `None` (all `T` steps valid). For
         `t >= lengths[b]` the step is `a = 1, b = 0` (the state is carried) and the
         output is zero.
+      parallel: scan the states with `jax.lax.associative_scan` (`True`) or `lax.scan`.
+      unroll: steps per loop iteration of the sequential scan (`lax.scan(unroll=...)`).
 
     Returns:
       `(ys [T, B, O], final_state)`, as `method="scan"` gives them.
@@ -57,7 +73,8 @@ def associative_unroll(
       ValueError: naming the cell (or the stack's layer) that is not a linear recurrence.
     """
     _check_linear(cell)
-    return _unroll(cell, params, xs, initial_state, lengths)
+    solver = _Solver(parallel, unroll)
+    return _unroll(cell, params, xs, initial_state, lengths, solver)
 
 
 def _check_linear(cell: RNNCell, where: str = "") -> None:
@@ -73,28 +90,41 @@ def _check_linear(cell: RNNCell, where: str = "") -> None:
         )
 
 
+class _Solver(NamedTuple):
+    """How the states are scanned: `parallel` (associative) or sequentially, `unroll`
+    steps per loop iteration."""
+
+    parallel: bool
+    unroll: int
+
+
 def _unroll(
-    cell: RNNCell, params: Params, xs: Array, state: State, lengths: Optional[Array]
+    cell: RNNCell, params: Params, xs: Array, state: State, lengths: Optional[Array], solver: _Solver
 ) -> tuple[Array, State]:
     if cell.layers is None:
-        return _unroll_linear(cell.linear_recurrence, params, xs, state, lengths)
+        return _unroll_linear(cell.linear_recurrence, params, xs, state, lengths, solver)
     finals = []
     for layer, layer_params, layer_state in zip(cell.layers, params, state):
-        xs, final = _unroll(layer, layer_params, xs, layer_state, lengths)
+        xs, final = _unroll(layer, layer_params, xs, layer_state, lengths, solver)
         finals.append(final)
     return xs, tuple(finals)
 
 
 def _unroll_linear(
-    recurrence: LinearRecurrence, params: Params, xs: Array, h0: State, lengths: Optional[Array]
+    recurrence: LinearRecurrence,
+    params: Params,
+    xs: Array,
+    h0: State,
+    lengths: Optional[Array],
+    solver: _Solver,
 ) -> tuple[Array, State]:
     """All states `hs` (leaves `[T, B, ...]`), then the outputs from them."""
     valid = None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]  # [T, B]
-    if recurrence.log_coefficients is None:
+    if recurrence.log_coefficients is None or not solver.parallel:
         a, b = _all_steps(recurrence.coefficients, params, xs)
         if valid is not None:  # a = 1, b = 0: carry the state
             a, b = _where_valid(valid, a, 1.0), _where_valid(valid, b, 0.0)
-        hs = jax.tree.map(_states, a, b, h0)
+        hs = jax.tree.map(functools.partial(_states, solver=solver), a, b, h0)
     else:
         log_a, log_b = _all_steps(recurrence.log_coefficients, params, xs)
         if valid is not None:
@@ -118,22 +148,23 @@ def _where_valid(valid: Array, tree: Any, fill: float) -> Any:
     )
 
 
-def _states(a: Array, b: Array, h0: Array) -> Array:
+def _states(a: Array, b: Array, h0: Array, solver: _Solver) -> Array:
     """`h_t = a_t h_{t-1} + b_t` for all `t` (`a, b: [T, ...]`, `h0: [...]`), with `h0`
     folded into `b_0`.
 
     The states solve the bidiagonal linear system `M h = b`, `(M h)_t = h_t − a_t h_{t-1}`.
     `jax.lax.custom_linear_solve` lets JAX differentiate the solution implicitly: the
     backward pass is one more scan, `M^T λ = ḡ`, run from the last step to the first
-    (`λ_t = ḡ_t + a_{t+1} λ_{t+1}`), instead of the transpose of every slice and pad
-    inside `associative_scan`; forward-mode derivatives keep working.
+    (`λ_t = ḡ_t + a_{t+1} λ_{t+1}`). That keeps the parameter gradients out of the loop
+    (and, for the associative scan, avoids transposing every slice and pad inside
+    `associative_scan`); forward-mode derivatives keep working.
     """
     b = b.at[0].add(a[0] * h0)
     return jax.lax.custom_linear_solve(
         lambda h: h - a * _previous(h),
         b,
-        solve=lambda _, rhs: _prefix_states(a, rhs),
-        transpose_solve=lambda _, rhs: _suffix_states(a, rhs),
+        solve=lambda _, rhs: _prefix_states(a, rhs, solver),
+        transpose_solve=lambda _, rhs: _suffix_states(a, rhs, solver),
     )
 
 
@@ -142,16 +173,31 @@ def _previous(h: Array) -> Array:
     return jnp.concatenate([jnp.zeros_like(h[:1]), h[:-1]])
 
 
-def _prefix_states(a: Array, b: Array) -> Array:
-    """`h_t = a_t h_{t-1} + b_t` from `h_{-1} = 0`, by an associative scan over `t`."""
-    return jax.lax.associative_scan(_compose, (a, b))[1]
+def _prefix_states(a: Array, b: Array, solver: _Solver) -> Array:
+    """`h_t = a_t h_{t-1} + b_t` from `h_{-1} = 0`, for every `t`."""
+    if solver.parallel:
+        return jax.lax.associative_scan(_compose, (a, b))[1]
+    return _sequential_states(a, b, solver.unroll, reverse=False)
 
 
-def _suffix_states(a: Array, g: Array) -> Array:
+def _suffix_states(a: Array, g: Array, solver: _Solver) -> Array:
     """`λ_t = g_t + a_{t+1} λ_{t+1}` from `λ_T = 0`: the transposed system `M^T λ = g`,
-    by an associative scan from the last step to the first."""
+    from the last step to the first."""
     a_next = jnp.concatenate([a[1:], jnp.zeros_like(a[:1])])
-    return jax.lax.associative_scan(_compose, (a_next, g), reverse=True)[1]
+    if solver.parallel:
+        return jax.lax.associative_scan(_compose, (a_next, g), reverse=True)[1]
+    return _sequential_states(a_next, g, solver.unroll, reverse=True)
+
+
+def _sequential_states(a: Array, b: Array, unroll: int, reverse: bool) -> Array:
+    """`h_t = a_t h_{t∓1} + b_t` from zero, by `lax.scan` over `t` (backwards if `reverse`)."""
+
+    def step(h: Array, coefficients: tuple[Array, Array]) -> tuple[Array, Array]:
+        a_t, b_t = coefficients
+        h = a_t * h + b_t
+        return h, h
+
+    return jax.lax.scan(step, jnp.zeros_like(b[0]), (a, b), reverse=reverse, unroll=unroll)[1]
 
 
 def _compose(earlier: tuple[Array, Array], later: tuple[Array, Array]) -> tuple[Array, Array]:
@@ -181,7 +227,8 @@ def _log_space_states_jvp(primals, tangents):
     hs = _log_space_states(log_a, log_b, h0)
     a = jnp.exp(log_a)
     previous = jnp.concatenate([h0[None], hs[:-1]])
-    return hs, _states(a, a * previous * d_log_a + jnp.exp(log_b) * d_log_b, d_h0)
+    d_hs = _states(a, a * previous * d_log_a + jnp.exp(log_b) * d_log_b, d_h0, _Solver(parallel=True, unroll=1))
+    return hs, d_hs
 
 
 def _log_compose(earlier: tuple[Array, Array], later: tuple[Array, Array]) -> tuple[Array, Array]:
