@@ -16,7 +16,8 @@ same states:
 The states are the solution of a bidiagonal linear system, and JAX differentiates them
 through `jax.lax.custom_linear_solve`: the backward pass is the same kind of scan, run
 from the last step to the first, and the gradients of the coefficients and of the
-readout's params are computed for all steps at once, outside the loop.
+readout's params are computed for all steps at once, outside the loop. A time-invariant
+`a` (`LinearRecurrence.constant_a`, the LRU's `λ`) is computed once and broadcast.
 
 Cells with positive coefficients (minGRU, minLSTM) offer `log_coefficients`; the
 associative scan then runs in log space, as Feng et al. (2024) do, with
@@ -121,7 +122,7 @@ def _unroll_linear(
     """All states `hs` (leaves `[T, B, ...]`), then the outputs from them."""
     valid = None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]  # [T, B]
     if recurrence.log_coefficients is None or not solver.parallel:
-        a, b = _all_steps(recurrence.coefficients, params, xs)
+        a, b = _all_coefficients(recurrence, params, xs)
         if valid is not None:  # a = 1, b = 0: carry the state
             a, b = _where_valid(valid, a, 1.0), _where_valid(valid, b, 0.0)
         hs = jax.tree.map(functools.partial(_states, solver=solver), a, b, h0)
@@ -134,6 +135,16 @@ def _unroll_linear(
     if valid is not None:
         ys = _where_valid(valid, ys, 0.0)
     return ys, jax.tree.map(lambda h: h[-1], hs)
+
+
+def _all_coefficients(recurrence: LinearRecurrence, params: Params, xs: Array) -> tuple[Any, Any]:
+    """`(a, b)` of every step and example of `xs: [T, B, I]`: leaves `[T, B, ...]`, except
+    that with `recurrence.constant_a` the leaves of `a` are `[1, 1, ...]` (broadcast)."""
+    if not recurrence.constant_a:
+        return _all_steps(recurrence.coefficients, params, xs)
+    any_input = jnp.zeros(xs.shape[2:], xs.dtype)  # a does not depend on x
+    a = jax.tree.map(lambda leaf: leaf[None, None], recurrence.coefficients(params, any_input)[0])
+    return a, _all_steps(lambda params, x: recurrence.coefficients(params, x)[1], params, xs)
 
 
 def _all_steps(fn, params: Params, xs: Array) -> tuple[Any, Any]:
@@ -149,8 +160,9 @@ def _where_valid(valid: Array, tree: Any, fill: float) -> Any:
 
 
 def _states(a: Array, b: Array, h0: Array, solver: _Solver) -> Array:
-    """`h_t = a_t h_{t-1} + b_t` for all `t` (`a, b: [T, ...]`, `h0: [...]`), with `h0`
-    folded into `b_0`.
+    """`h_t = a_t h_{t-1} + b_t` for all `t` (`b: [T, ...]`, `h0: [...]`), with `h0`
+    folded into `b_0`. `a` is `[T, ...]`, or broadcast from `[1, ...]` when it is the same
+    at every step.
 
     The states solve the bidiagonal linear system `M h = b`, `(M h)_t = h_t − a_t h_{t-1}`.
     `jax.lax.custom_linear_solve` lets JAX differentiate the solution implicitly: the
@@ -176,28 +188,31 @@ def _previous(h: Array) -> Array:
 def _prefix_states(a: Array, b: Array, solver: _Solver) -> Array:
     """`h_t = a_t h_{t-1} + b_t` from `h_{-1} = 0`, for every `t`."""
     if solver.parallel:
-        return jax.lax.associative_scan(_compose, (a, b))[1]
+        return jax.lax.associative_scan(_compose, (jnp.broadcast_to(a, b.shape), b))[1]
     return _sequential_states(a, b, solver.unroll, reverse=False)
 
 
 def _suffix_states(a: Array, g: Array, solver: _Solver) -> Array:
     """`λ_t = g_t + a_{t+1} λ_{t+1}` from `λ_T = 0`: the transposed system `M^T λ = g`,
-    from the last step to the first."""
-    a_next = jnp.concatenate([a[1:], jnp.zeros_like(a[:1])])
+    from the last step to the first. (`a_T` multiplies `λ_T = 0`, so an `a` constant
+    over time serves as `a_{t+1}` unchanged.)"""
+    a_next = a if a.shape[0] == 1 else jnp.concatenate([a[1:], jnp.zeros_like(a[:1])])
     if solver.parallel:
-        return jax.lax.associative_scan(_compose, (a_next, g), reverse=True)[1]
+        return jax.lax.associative_scan(_compose, (jnp.broadcast_to(a_next, g.shape), g), reverse=True)[1]
     return _sequential_states(a_next, g, solver.unroll, reverse=True)
 
 
 def _sequential_states(a: Array, b: Array, unroll: int, reverse: bool) -> Array:
-    """`h_t = a_t h_{t∓1} + b_t` from zero, by `lax.scan` over `t` (backwards if `reverse`)."""
+    """`h_t = a_t h_{t∓1} + b_t` from zero, by `lax.scan` over `t` (backwards if
+    `reverse`); an `a: [1, ...]` is the same at every step."""
+    constant = a.shape[0] == 1
 
-    def step(h: Array, coefficients: tuple[Array, Array]) -> tuple[Array, Array]:
-        a_t, b_t = coefficients
+    def step(h: Array, inputs: Any) -> tuple[Array, Array]:
+        a_t, b_t = (a[0], inputs) if constant else inputs
         h = a_t * h + b_t
         return h, h
 
-    return jax.lax.scan(step, jnp.zeros_like(b[0]), (a, b), reverse=reverse, unroll=unroll)[1]
+    return jax.lax.scan(step, jnp.zeros_like(b[0]), b if constant else (a, b), reverse=reverse, unroll=unroll)[1]
 
 
 def _compose(earlier: tuple[Array, Array], later: tuple[Array, Array]) -> tuple[Array, Array]:

@@ -1,4 +1,5 @@
-"""Linear-recurrence cells (minGRU, minLSTM, LRU) and `unroll(method="associative")`."""
+"""Linear-recurrence cells (minGRU, minLSTM, LRU), `unroll(method="associative")` and the
+hoisted sequential scan that `method="scan"` gives them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import rnnlab
-from rnnlab.cells import basic_rnn
+from rnnlab.cells import basic_rnn, lstm
 from rnnlab.cells.linear import lru, lru_eigenvalues, min_gru, min_lstm
 
 B, T = 4, 7
@@ -25,6 +26,8 @@ CELLS = {
     "min_lstm_log": (lambda: min_lstm(6, log_space=True), 4),
     "lru": (lambda: lru(6, 5, r_min=0.5, r_max=0.99), 6),
 }
+# The sequential scan runs the "_log" cells in linear space too, so tests of it alone skip them.
+LINEAR_SPACE_CELLS = [name for name in CELLS if not name.endswith("_log")]
 
 
 def _setup(name: str, seed: int = 0, num_steps: int = T, batch_size: int = B):
@@ -97,32 +100,60 @@ def test_two_layer_stack(name):
     _assert_trees_close(final, final_ref, **TOLERANCE)
 
 
+@pytest.mark.parametrize("num_steps", [0, 1, T])
+@pytest.mark.parametrize("name", LINEAR_SPACE_CELLS)
+def test_hoisted_scan_with_unroll_in_a_mixed_stack(name, num_steps):
+    """In a stack with an LSTM, the linear layer's hoisted scan (`unroll=3`, lengths,
+    reverse) gives the numbers of the cell's step in the loop, down to one and zero steps."""
+    make_cell, input_size = CELLS[name]
+    linear = make_cell()
+    cell = rnnlab.stack([lstm(linear.output_size), linear])
+    params = cell.init(jax.random.PRNGKey(14), input_size)
+    xs = jax.random.normal(jax.random.PRNGKey(15), (B, num_steps, input_size))
+    lengths = np.minimum(LENGTHS, num_steps)
+
+    def run(hoist):
+        return rnnlab.unroll(cell, params, xs, lengths=lengths, reverse=True, unroll=3, hoist=hoist)
+
+    ys, final = run(True)
+    ys_ref, final_ref = run(False)
+    _assert_trees_close(ys, ys_ref, **TOLERANCE)
+    _assert_trees_close(final, final_ref, **TOLERANCE)
+
+
 @pytest.mark.parametrize("name", CELLS)
 def test_gradients_match_scan(name):
     cell, params, xs, h0 = _setup(name, seed=4)
 
-    def loss(params, xs, h0, method):
-        ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method)
+    def loss(params, xs, h0, method, hoist):
+        ys, final = rnnlab.unroll(
+            cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method, hoist=hoist
+        )
         return jnp.sum(jnp.sin(ys)) + _squared_norm(final)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
-    grads, grads_ref = grad(params, xs, h0, "associative"), grad(params, xs, h0, "scan")
-    _assert_trees_close(grads, grads_ref, rtol=1e-4, atol=1e-5)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))
+    grads_ref = grad(params, xs, h0, "scan", False)  # the cell's step in the loop
+    for method in ["associative", "scan"]:  # all states at once, parallel or sequential
+        _assert_trees_close(grad(params, xs, h0, method, None), grads_ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", CELLS)
 def test_forward_mode_matches_scan(name):
     """Forward mode through the log-space scan's custom JVP (`log_space=True`) and the
-    linear-space scan's `custom_linear_solve` matches `method="scan"`."""
+    `custom_linear_solve` of the associative and the hoisted sequential scan matches the
+    cell's step in the loop."""
     cell, params, xs, h0 = _setup(name, seed=12)
     direction = jax.random.normal(jax.random.PRNGKey(13), xs.shape)
 
-    def outputs(method):
-        return lambda xs: rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method)[0]
+    def outputs(method, hoist=None):
+        return lambda xs: rnnlab.unroll(
+            cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method, hoist=hoist
+        )[0]
 
-    _, tangent = jax.jvp(outputs("associative"), (xs,), (direction,))
-    _, tangent_ref = jax.jvp(outputs("scan"), (xs,), (direction,))
-    np.testing.assert_allclose(np.asarray(tangent), np.asarray(tangent_ref), rtol=1e-4, atol=1e-5)
+    _, tangent_ref = jax.jvp(outputs("scan", hoist=False), (xs,), (direction,))
+    for method in ["associative", "scan"]:
+        _, tangent = jax.jvp(outputs(method), (xs,), (direction,))
+        np.testing.assert_allclose(np.asarray(tangent), np.asarray(tangent_ref), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -208,24 +239,27 @@ def _reference_unroll(name, params, xs, h0):
     return np.stack([ys for ys, _ in results]), np.stack([h for _, h in results])
 
 
+@pytest.mark.parametrize("method", ["associative", "scan"])
 @pytest.mark.parametrize("name", CELLS)
-def test_matches_numpy_reference(name):
+def test_matches_numpy_reference(name, method):
     cell, params, xs, h0 = _setup(name, seed=6)
-    ys, final = rnnlab.unroll(cell, params, 2.0 * xs, initial_state=h0, method="associative")
+    ys, final = rnnlab.unroll(cell, params, 2.0 * xs, initial_state=h0, method=method)
     ys_ref, final_ref = _reference_unroll(name, params, 2.0 * xs, h0)
     np.testing.assert_allclose(np.asarray(ys), ys_ref, **TOLERANCE)
     np.testing.assert_allclose(np.asarray(final), final_ref, **TOLERANCE)
 
 
-@pytest.mark.parametrize("name", CELLS)
-def test_long_sequence_is_stable(name):
+@pytest.mark.parametrize(
+    "name, method", [(name, "associative") for name in CELLS] + [(name, "scan") for name in LINEAR_SPACE_CELLS]
+)
+def test_long_sequence_is_stable(name, method):
     """T = 10k: outputs match float64 and are finite, and so are the gradients."""
     num_steps = 10_000
     cell, params, xs, h0 = _setup(name, seed=7, num_steps=num_steps, batch_size=1)
     xs = 3.0 * xs  # saturating gates: a_t near 0 and near 1
 
     def loss(params):
-        ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, method="associative")
+        ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, method=method)
         return jnp.mean(ys**2) + _squared_norm(final), ys
 
     (value, ys), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

@@ -44,11 +44,15 @@ class LinearRecurrence(NamedTuple):
       log_coefficients: optional `(params, x) -> (log_a, log_b)`, the logarithms of
         `coefficients` for cells whose `a` and `b` are positive. When set, the
         associative unroll scans in log space, which stays accurate over long sequences.
+      constant_a: `a` depends on the params only, not on `x` (a time-invariant
+        recurrence, like the LRU's `a = λ`). The unroll then computes `a` once and
+        broadcasts it, instead of storing it for every step and example.
     """
 
     coefficients: Callable[[Params, Array], tuple[Any, Any]]
     readout: Callable[[Params, Any, Array], Array]
     log_coefficients: Optional[Callable[[Params, Array], tuple[Any, Any]]] = None
+    constant_a: bool = False
 
 
 class RNNCell(NamedTuple):

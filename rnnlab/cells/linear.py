@@ -300,5 +300,5 @@ def lru(
         input_projection,
         projected_step,
         input_kernel="B_re",
-        linear_recurrence=LinearRecurrence(coefficients=coefficients, readout=readout),
+        linear_recurrence=LinearRecurrence(coefficients=coefficients, readout=readout, constant_a=True),
     )
