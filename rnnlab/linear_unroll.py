@@ -68,7 +68,7 @@ def linear_unroll(
       unroll: steps per loop iteration of the sequential scan (`lax.scan(unroll=...)`).
 
     Returns:
-      `(ys [T, B, O], final_state)`, as `method="scan"` gives them.
+      `(ys [T, B, O], final_state)`, as the cell's own step under `lax.scan` gives them.
 
     Raises:
       ValueError: naming the cell (or the stack's layer) that is not a linear recurrence.
