@@ -120,8 +120,11 @@ def _unroll_linear(
     solver: _Solver,
 ) -> tuple[Array, State]:
     """All states `hs` (leaves `[T, B, ...]`), then the outputs from them."""
-    valid = None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]  # [T, B]
-    if recurrence.log_coefficients is None or not solver.parallel:
+    num_steps = xs.shape[0]
+    valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]  # [T, B]
+    if num_steps == 0:  # no states: empty outputs, and the final state is the initial one
+        hs = jax.tree.map(lambda h: h[None][:0], h0)
+    elif recurrence.log_coefficients is None or not solver.parallel:
         a, b = _all_coefficients(recurrence, params, xs)
         if valid is not None:  # a = 1, b = 0: carry the state
             a, b = _where_valid(valid, a, 1.0), _where_valid(valid, b, 0.0)
@@ -134,6 +137,8 @@ def _unroll_linear(
     ys = jax.vmap(jax.vmap(recurrence.readout, in_axes=(None, 0, 0)), in_axes=(None, 0, 0))(params, hs, xs)
     if valid is not None:
         ys = _where_valid(valid, ys, 0.0)
+    if num_steps == 0:
+        return ys, h0
     return ys, jax.tree.map(lambda h: h[-1], hs)
 
 

@@ -117,7 +117,7 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
     """The sequential loop over time-major `xs: [T, B, I]` for one (non-stacked) cell."""
     if hoist is None:
         hoist = cell.linear_recurrence is not None or jax.default_backend() != "cpu"
-    if hoist and method == "scan" and cell.linear_recurrence is not None and xs.shape[0] > 0:
+    if hoist and method == "scan" and cell.linear_recurrence is not None:
         return linear_unroll(cell, params, xs, state, lengths, parallel=False, unroll=unroll)
     if hoist and cell.can_hoist:
         zs = cell.input_projection(params, xs)

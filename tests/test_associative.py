@@ -121,6 +121,15 @@ def test_hoisted_scan_with_unroll_in_a_mixed_stack(name, num_steps):
     _assert_trees_close(final, final_ref, **TOLERANCE)
 
 
+@pytest.mark.parametrize("method", ["associative", "scan"])
+@pytest.mark.parametrize("name", CELLS)
+def test_zero_steps_give_empty_outputs_and_the_initial_state(name, method):
+    cell, params, xs, h0 = _setup(name, num_steps=0)
+    ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=np.zeros(B, np.int32), method=method)
+    assert ys.shape == (B, 0, cell.output_size)
+    _assert_trees_close(final, h0, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", CELLS)
 def test_gradients_match_scan(name):
     cell, params, xs, h0 = _setup(name, seed=4)
