@@ -204,18 +204,25 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[train.Task, Model]:
     """The training task (batches `{"image": uint8 [B, 28, 28], "label": int32 [B]}`)
     and the model it trains. Metrics per example: cross-entropy `loss`, `accuracy`."""
     model = build_model(config)
+    return classification_task(model, config.augment_shift), model
+
+
+def classification_task(model: Model, augment_shift: int) -> train.Task:
+    """Trains `model` to classify uint8 `images: [B, 28, 28]` (batches `{"image", "label"}`)
+    with cross-entropy; in training each image is first shifted by up to `augment_shift`
+    pixels (`shift_images`; 0 disables). Metrics per example: `loss`, `accuracy`."""
 
     def loss(params: Params, carry: None, batch: dict[str, Array], rng: Optional[PRNGKey]):
         images = batch["image"]
-        if rng is not None and config.augment_shift:
+        if rng is not None and augment_shift:
             shift_key, rng = jax.random.split(rng)
-            images = shift_images(shift_key, images, config.augment_shift)
+            images = shift_images(shift_key, images, augment_shift)
         logits = model.logits(params, images, rng=rng)
         losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=-1)[:, 0]
         correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
         return jnp.mean(losses), (carry, {"loss": losses, "accuracy": correct})
 
-    return train.Task(init_params=model.init, loss=loss), model
+    return train.Task(init_params=model.init, loss=loss)
 
 
 def reading_probabilities(model: Model, params: Params, images: np.ndarray) -> np.ndarray:

@@ -59,6 +59,8 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
       r_min, r_max, max_phase: the LRU's ring initialisation.
       recurrent_lr_factor: learning-rate factor of the LRU's `ν_log, θ_log, γ_log`.
       dropout: drop rate after every block's GLU (training only).
+      augment_shift: in training, shift each image by up to this many pixels in both
+        directions (zero padded) before reading its pixels; 0 disables.
       unroll_method: "associative", "scan" or "auto" (associative on accelerators, scan
         on CPU) for the linear stack; the LSTM uses "scan".
       permuted: read the pixels in the order of a fixed random permutation.
@@ -94,6 +96,7 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
     config.max_phase = 2 * np.pi
     config.recurrent_lr_factor = 0.5
     config.dropout = 0.0
+    config.augment_shift = 0
     config.unroll_method = "scan" if cell == "lstm" else "auto"
     config.permuted = permuted
     config.permutation_seed = 0
@@ -236,14 +239,7 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[train.Task, mnist.Mode
     """The training task (batches `{"image": uint8 [B, 28, 28], "label": int32 [B]}`)
     and its model. Metrics per example: cross-entropy `loss`, `accuracy`."""
     model = build_model(config)
-
-    def loss(params: Params, carry: None, batch: dict[str, Array], rng: Optional[PRNGKey]):
-        logits = model.logits(params, batch["image"], rng=rng)
-        losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["label"][:, None], axis=-1)[:, 0]
-        correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
-        return jnp.mean(losses), (carry, {"loss": losses, "accuracy": correct})
-
-    return train.Task(init_params=model.init, loss=loss), model
+    return mnist.classification_task(model, config.augment_shift), model
 
 
 def write_permutation(config: ml_collections.ConfigDict, workdir: str) -> None:
