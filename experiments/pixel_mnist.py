@@ -97,6 +97,10 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
     config.recurrent_lr_factor = 0.5
     config.dropout = 0.0
     config.augment_shift = 0
+    # With optimizer="adamw": decay neither the recurrence (decaying ν_log towards 0
+    # would pull |λ| = exp(-exp(ν_log)) away from 1 and shorten the memory), nor the
+    # LayerNorm params and biases.
+    config.weight_decay_exclude = r"nu_log|theta_log|gamma_log|\['norm'\]|\['b'\]"
     config.unroll_method = "scan" if cell == "lstm" else "auto"
     config.permuted = permuted
     config.permutation_seed = 0

@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -102,6 +103,7 @@ __all__ = [
     "num_rows",
     "restore_params",
     "train",
+    "weight_decay_mask",
     "write_json",
 ]
 
@@ -182,6 +184,9 @@ def default_config() -> ml_collections.ConfigDict:
       warmup_steps: length of the linear warmup.
       final_lr_fraction: where the cosine decay ends, as a fraction of the peak.
       weight_decay: decoupled weight decay of "adamw" (scaled by the learning rate).
+      weight_decay_exclude: a regular expression; params whose path (as
+        `jax.tree_util.keystr` writes it, e.g. `['blocks'][0]['cell']['nu_log']`)
+        matches it are not decayed. "" decays every param.
       b1, b2: Adam's moment decay rates.
       grad_clip_norm: clip gradients to this global norm; 0 disables.
       log_every_steps: how often training metrics are fetched, logged and checked for
@@ -212,6 +217,7 @@ def default_config() -> ml_collections.ConfigDict:
             warmup_steps=100,
             final_lr_fraction=0.0,
             weight_decay=0.0,
+            weight_decay_exclude="",
             b1=0.9,
             b2=0.999,
             grad_clip_norm=1.0,
@@ -243,8 +249,30 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
     parts.append(optax.scale_by_adam(b1=config.b1, b2=config.b2))
     if config.optimizer == "adamw":
-        parts.append(optax.add_decayed_weights(config.weight_decay))
+        mask = weight_decay_mask(config.weight_decay_exclude)
+        parts.append(optax.add_decayed_weights(config.weight_decay, mask=mask))
     return optax.chain(*parts)
+
+
+def weight_decay_mask(exclude: str) -> Optional[Callable[[Params], Any]]:
+    """`params -> pytree of bools`, False for the params whose path matches the regular
+    expression `exclude` (searched in `jax.tree_util.keystr(path)`); `None` for "".
+
+    Raises `ValueError` for an invalid expression.
+    """
+    if not exclude:
+        return None
+    try:
+        pattern = re.compile(exclude)
+    except re.error as error:
+        raise ValueError(f"config.weight_decay_exclude is not a valid regular expression ({error}): {exclude!r}.") from None
+
+    def mask(params: Params) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: pattern.search(jax.tree_util.keystr(path)) is None, params
+        )
+
+    return mask
 
 
 def learning_rate(config: ml_collections.ConfigDict, step: Array, total_steps: Array) -> Array:

@@ -171,6 +171,28 @@ def test_schedule_matches_optax_and_the_step_is_adam():
     np.testing.assert_allclose(-0.01 * direction["w"], expected["w"], rtol=1e-6)
 
 
+def test_weight_decay_skips_the_params_matching_the_exclude_pattern():
+    c = config(optimizer="adamw", weight_decay=0.1, grad_clip_norm=0.0, weight_decay_exclude=r"nu_log|\['b'\]")
+    params = {"dense": {"w": jnp.arange(3.0), "b": jnp.ones(3)}, "cell": {"nu_log": jnp.full(3, 2.0)}}
+    grads = jax.tree_util.tree_map(lambda p: jnp.array([0.5, -1.0, 2.0]), params)
+    optimizer = train.make_optimizer(c)
+    direction, _ = optimizer.update(grads, optimizer.init(params), params)
+    hand_mask = {"dense": {"w": True, "b": False}, "cell": {"nu_log": False}}
+    adamw = optax.adamw(0.01, weight_decay=0.1, mask=hand_mask)
+    expected, _ = adamw.update(grads, adamw.init(params), params)
+    for got, want in zip(jax.tree_util.tree_leaves(direction), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(-0.01 * got, want, rtol=1e-6)
+    # The excluded params move exactly as with Adam, the others do not.
+    adam_direction, _ = optax.adam(0.01).update(grads, optax.adam(0.01).init(params), params)
+    np.testing.assert_allclose(expected["cell"]["nu_log"], adam_direction["cell"]["nu_log"], rtol=1e-6)
+    assert not np.allclose(expected["dense"]["w"][1:], adam_direction["dense"]["w"][1:])
+
+
+def test_invalid_weight_decay_exclude_pattern_is_a_clear_error():
+    with pytest.raises(ValueError, match="weight_decay_exclude is not a valid regular expression"):
+        train.make_optimizer(config(optimizer="adamw", weight_decay=0.1, weight_decay_exclude="nu_log|("))
+
+
 def test_schedule_is_fitted_to_the_time_budget(tmp_path):
     """A budget far shorter than the configured run: the cosine decay is re-planned to
     end with the budget (or, on a stalled machine, the hard stop ends the loop)."""
