@@ -95,6 +95,27 @@ def test_shift_images_moves_pixels_and_pads_with_zeros():
     assert np.array_equal(np.asarray(mnist.shift_images(jax.random.PRNGKey(0), images, 0)), images)
 
 
+def test_classification_task_shifts_training_images_only():
+    """The task's loss sees shifted images in training (rng given) and the images
+    themselves in evaluation; a model that reads one pixel tells them apart."""
+    images = np.zeros((32, 6, 6), np.uint8)
+    images[:, 2, 3] = 255
+    batch = {"image": images, "label": np.zeros(32, np.int32)}
+
+    def logits(params, images, lengths=None, rng=None):
+        del params, lengths, rng
+        return np.float32(10.0) * jax.numpy.stack([images[:, 2, 3] / 255.0, 1.0 - images[:, 2, 3] / 255.0], axis=1)
+
+    model = mnist.Model(init=lambda key: {}, logits=logits)
+    for shift in (0, 1):
+        task = mnist.classification_task(model, shift)
+        _, (_, evaluated) = task.loss({}, None, batch, None)
+        _, (_, trained) = task.loss({}, None, batch, jax.random.PRNGKey(0))
+        assert np.asarray(evaluated["accuracy"]).tolist() == [1.0] * 32
+        moved = np.asarray(trained["accuracy"]) == 0.0  # the pixel left (2, 3)
+        assert moved.any() == bool(shift) and not moved.all()
+
+
 def test_bad_model_config_raises_one_line_errors():
     with pytest.raises(ValueError, match="unknown cell type 'lsmt'"):
         mnist.build_model(tiny(mnist.get_config("lstm,lsmt")))
