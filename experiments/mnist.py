@@ -147,7 +147,7 @@ class Model(NamedTuple):
 def build_model(config: ml_collections.ConfigDict) -> Model:
     """The recurrent stack and linear classifier described by `config`."""
     cells_fw = layer_cells(config)
-    cells_bw = layer_cells(config) if config.bidirectional else None
+    cells_bw = cells_fw if config.bidirectional else None  # one cell per layer: both directions in one loop
     unroll_options = dict(method=config.unroll_method, unroll=config.unroll)
     fw_size = cells_fw[-1].output_size
     features = fw_size + (cells_bw[-1].output_size if cells_bw else 0)

@@ -142,7 +142,8 @@ class Bidirectional(_RNNBase):
       Others as in `RNN`; `return_state=True` returns `(outputs, (final_fw, final_bw))`.
 
     Params: `{"fw": cell_fw.init(...), "bw": cell_bw.init(...)}`, the layout
-    `rnnlab.bidirectional` takes.
+    `rnnlab.bidirectional` takes. Give the same cell object as `cell_fw` and `cell_bw`
+    to run both directions in one loop (see `rnnlab.bidirectional`).
     """
 
     cell_fw: RNNCell

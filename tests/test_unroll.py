@@ -373,6 +373,38 @@ def test_bidirectional_with_dropout_is_reproducible_from_its_key() -> None:
     assert np.abs(np.asarray(first) - np.asarray(other)).max() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "cell, options",
+    [
+        (lstm(5), dict(lengths=LENGTHS)),
+        (rnnlab.stack([gru(4), lstm(3)]), dict(lengths=LENGTHS, time_major=True)),
+        (rnnlab.cells.lru(I, 2), dict(method="associative")),
+    ],
+    ids=["lstm", "stack", "lru"],
+)
+def test_one_cell_for_both_directions_runs_them_in_one_loop_with_the_same_numbers(cell, options) -> None:
+    """`bidirectional(cell, cell, ...)` runs both directions in one vmapped loop; a
+    copy of the cell (another object) runs them one after the other."""
+    params = rnnlab.init_bidirectional(cell, cell, jax.random.PRNGKey(6), I)
+    xs = random_inputs(7)
+    if options.get("time_major"):
+        xs = jnp.swapaxes(xs, 0, 1)
+    initial_bw = rnnlab.batched_initial_state(cell, params["bw"], B)
+    initial_bw = jax.tree.map(lambda leaf: leaf + 0.5, initial_bw)
+
+    def loss(params, cell_bw):
+        outputs, finals = rnnlab.bidirectional(
+            cell, cell_bw, params, xs, initial_states=(None, initial_bw), **options
+        )
+        return jnp.sum(jnp.sin(outputs)) + sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(finals))
+
+    copy = cell._replace()
+    assert copy is not cell
+    for function in (lambda p, c: rnnlab.bidirectional(cell, c, p, xs, initial_states=(None, initial_bw), **options),
+                     jax.grad(loss)):
+        assert_trees_close(function(params, cell), function(params, copy), METHOD_RTOL)
+
+
 @functools.lru_cache(maxsize=None)
 def stacked_case() -> tuple[list[RNNCell], list[RNNCell], list[Any], jax.Array]:
     cells_fw = [lstm(5), gru(3)]
