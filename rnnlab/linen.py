@@ -57,7 +57,7 @@ def uses_randomness(cell: RNNCell, params: Params) -> bool:
 class _RNNBase(nn.Module):
     """Helpers shared by `RNN` and `Bidirectional` (no fields of its own, so that each
     subclass lists its cells first and can be built as `RNN(cell, ...)`). Subclasses
-    define `method`, `unroll`, `remat`, `hoist` and `deterministic`."""
+    define `method`, `unroll`, `remat`, `hoist`, `block_size` and `deterministic`."""
 
     def _rng(self, cells_and_params: list[tuple[RNNCell, Params]], deterministic: Optional[bool]) -> Optional[PRNGKey]:
         """`make_rng("dropout")` for random cells in training, else `None`."""
@@ -68,7 +68,9 @@ class _RNNBase(nn.Module):
         return self.make_rng("dropout")
 
     def _unroll_options(self) -> dict[str, Any]:
-        return dict(method=self.method, unroll=self.unroll, remat=self.remat, hoist=self.hoist)
+        return dict(
+            method=self.method, unroll=self.unroll, remat=self.remat, hoist=self.hoist, block_size=self.block_size
+        )
 
 
 class RNN(_RNNBase):
@@ -83,6 +85,7 @@ class RNN(_RNNBase):
       remat: checkpoint the step (recompute it on the backward pass).
       hoist: precompute the input projection of all steps when the cell allows it
         (`None`: as `rnnlab.unroll` decides per backend).
+      block_size: blocks of the associative scan (see `rnnlab.unroll`).
       return_state: return `(outputs, final_state)` instead of `outputs`.
       deterministic: `True` disables dropout; may instead be given at call time.
 
@@ -96,6 +99,7 @@ class RNN(_RNNBase):
     time_major: bool = False
     remat: bool = False
     hoist: Optional[bool] = None
+    block_size: Optional[int] = None
     return_state: bool = False
     deterministic: Optional[bool] = None
 
@@ -154,6 +158,7 @@ class Bidirectional(_RNNBase):
     time_major: bool = False
     remat: bool = False
     hoist: Optional[bool] = None
+    block_size: Optional[int] = None
     return_state: bool = False
     deterministic: Optional[bool] = None
 

@@ -37,6 +37,7 @@ def unroll(
     rng: Optional[PRNGKey] = None,
     remat: bool = False,
     hoist: Optional[bool] = None,
+    block_size: Optional[int] = None,
 ) -> tuple[Array, State]:
     """Runs `cell` over a batch of sequences.
 
@@ -50,7 +51,8 @@ def unroll(
       method: `"scan"` (`jax.lax.scan`), `"static"` (a Python loop: one graph node per
         step, slow to compile for long sequences) or `"associative"`
         (`jax.lax.associative_scan`, for cells with a `linear_recurrence`).
-      unroll: steps per loop iteration for `"scan"` (`lax.scan(unroll=...)`).
+      unroll: steps per loop iteration for `"scan"` (`lax.scan(unroll=...)`), and in the
+        blocks of `"associative"`.
       reverse: run from the last valid step to the first.
       time_major: layout of `inputs` and of the returned outputs.
       rng: PRNG key for cells with randomness (dropout), used to draw the initial
@@ -66,6 +68,12 @@ def unroll(
         `None` (default) hoists linear recurrences everywhere, and other cells on
         GPU/TPU but not on CPU, where the benchmark measured the in-loop projection
         1.3-2x faster for a train step (docs/benchmarks.md).
+      block_size: for `"associative"`: the scan runs in blocks of this many steps, all
+        blocks at once, joined by an associative scan over the blocks (a two-level
+        parallel scan, `2·block_size + log(T / block_size)` sequential steps); `1` is
+        `jax.lax.associative_scan` over every step. `None` (default): about `sqrt(T)` on
+        CPU, where it measured 1.3-1.4x faster than `1` (docs/benchmarks.md), and `1`
+        on GPU/TPU and for `log_space` cells (the log-space form runs only with `1`).
 
     Returns:
       `(outputs, final_state)`: outputs `[B, T, O]` (or `[T, B, O]`), zero past each
@@ -75,6 +83,11 @@ def unroll(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
         raise ValueError(f"unroll must be a positive integer, got {unroll!r}.")
+    if block_size is not None:
+        if method != "associative":
+            raise ValueError(f"block_size applies to method='associative' only, got method={method!r}.")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}.")
     xs = _to_time_major(inputs, time_major)
     num_steps, batch_size = xs.shape[0], xs.shape[1]
     lengths = check_lengths(lengths, batch_size, num_steps)
@@ -92,7 +105,9 @@ def unroll(
     if reverse:
         xs = reverse_sequence(xs, lengths)
     if method == "associative":
-        ys, final = linear_unroll(cell, params, xs, initial_state, lengths, parallel=True)
+        ys, final = linear_unroll(
+            cell, params, xs, initial_state, lengths, parallel=True, unroll=unroll, block_size=block_size
+        )
     elif cell.layers is not None:
         ys, final = _unroll_layerwise(
             cell.layers, params, xs, initial_state, lengths, method, unroll, remat, hoist
@@ -269,7 +284,8 @@ def bidirectional(
       params: `{"fw": ..., "bw": ...}` (see `init_bidirectional`).
       inputs: `[B, T, I]` (or `[T, B, I]` when `time_major`).
       merge: `"concat"` gives `[B, T, O_fw + O_bw]`; `"none"` gives the pair `(fw, bw)`.
-      unroll_kwargs: passed to `unroll` (`method`, `unroll`, `remat`, `hoist`).
+      unroll_kwargs: passed to `unroll` (`method`, `unroll`, `remat`, `hoist`,
+        `block_size`).
 
     Returns:
       `(outputs, (final_fw, final_bw))`.

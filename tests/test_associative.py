@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 import rnnlab
+import rnnlab.linen
 from rnnlab.cells import basic_rnn, lstm
 from rnnlab.cells.linear import lru, lru_eigenvalues, min_gru, min_lstm
+from rnnlab.linear_unroll import default_block_size
 
 B, T = 4, 7
 LENGTHS = np.array([0, T, 3, 5], np.int32)
@@ -86,6 +88,45 @@ def test_associative_matches_scan_and_static(name, with_lengths, reverse):
         _assert_trees_close(jax.tree.map(lambda h: h[0], final), jax.tree.map(lambda h: h[0], h0))
 
 
+@pytest.mark.parametrize("block_size", [1, 2, T, T + 3])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("name", CELLS)
+def test_every_block_size_matches_scan(name, reverse, block_size):
+    """The plain associative scan (`block_size=1`), blocks that do not divide `T` (padded),
+    one block of exactly `T` steps and one longer than `T`, with lengths, both ways."""
+    cell, params, xs, h0 = _setup(name, seed=16)
+
+    def run(**kwargs):
+        return rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=LENGTHS, reverse=reverse, **kwargs)
+
+    ys, final = run(method="associative", block_size=block_size)
+    ys_ref, final_ref = run(method="scan", hoist=False)
+    _assert_trees_close(ys, ys_ref, **TOLERANCE)
+    _assert_trees_close(final, final_ref, **TOLERANCE)
+
+
+@pytest.mark.parametrize("num_steps, log_space, expected", [(1, False, 1), (2, False, 2), (784, False, 28), (1000, False, 32), (1000, True, 1)])
+def test_default_block_size_on_cpu(num_steps, log_space, expected):
+    assert jax.default_backend() == "cpu"
+    assert default_block_size(num_steps, log_space) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="scan", block_size=4), "method='associative' only"),
+        (dict(method="associative", block_size=0), "positive integer"),
+        (dict(method="associative", block_size=True), "positive integer"),
+    ],
+)
+def test_block_size_errors(kwargs, message):
+    cell, params, xs, h0 = _setup("min_gru")
+    with pytest.raises(ValueError, match=message):
+        rnnlab.unroll(cell, params, xs, **kwargs)
+    with pytest.raises(ValueError, match=message):  # the Flax module passes it on
+        rnnlab.linen.RNN(cell, **kwargs).init(jax.random.PRNGKey(0), xs)
+
+
 @pytest.mark.parametrize("name", CELLS)
 def test_two_layer_stack(name):
     make_cell, input_size = CELLS[name]
@@ -134,16 +175,17 @@ def test_zero_steps_give_empty_outputs_and_the_initial_state(name, method):
 def test_gradients_match_scan(name):
     cell, params, xs, h0 = _setup(name, seed=4)
 
-    def loss(params, xs, h0, method, hoist):
+    def loss(params, xs, h0, method, hoist, block_size):
         ys, final = rnnlab.unroll(
-            cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method, hoist=hoist
+            cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method, hoist=hoist, block_size=block_size
         )
         return jnp.sum(jnp.sin(ys)) + _squared_norm(final)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4))
-    grads_ref = grad(params, xs, h0, "scan", False)  # the cell's step in the loop
-    for method in ["associative", "scan"]:  # all states at once, parallel or sequential
-        _assert_trees_close(grad(params, xs, h0, method, None), grads_ref, rtol=1e-4, atol=1e-5)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=(3, 4, 5))
+    grads_ref = grad(params, xs, h0, "scan", False, None)  # the cell's step in the loop
+    # All states at once: the plain associative scan, the blocked one, the sequential scan.
+    for method, block_size in [("associative", 1), ("associative", 2), ("scan", None)]:
+        _assert_trees_close(grad(params, xs, h0, method, None, block_size), grads_ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -154,14 +196,14 @@ def test_forward_mode_matches_scan(name):
     cell, params, xs, h0 = _setup(name, seed=12)
     direction = jax.random.normal(jax.random.PRNGKey(13), xs.shape)
 
-    def outputs(method, hoist=None):
+    def outputs(method, hoist=None, block_size=None):
         return lambda xs: rnnlab.unroll(
-            cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method, hoist=hoist
+            cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method, hoist=hoist, block_size=block_size
         )[0]
 
     _, tangent_ref = jax.jvp(outputs("scan", hoist=False), (xs,), (direction,))
-    for method in ["associative", "scan"]:
-        _, tangent = jax.jvp(outputs(method), (xs,), (direction,))
+    for method, block_size in [("associative", 1), ("associative", 2), ("scan", None)]:
+        _, tangent = jax.jvp(outputs(method, block_size=block_size), (xs,), (direction,))
         np.testing.assert_allclose(np.asarray(tangent), np.asarray(tangent_ref), rtol=1e-4, atol=1e-5)
 
 
@@ -259,16 +301,20 @@ def test_matches_numpy_reference(name, method):
 
 
 @pytest.mark.parametrize(
-    "name, method", [(name, "associative") for name in CELLS] + [(name, "scan") for name in LINEAR_SPACE_CELLS]
+    "name, method, block_size",
+    [(name, "associative", None) for name in CELLS]
+    + [(name, "associative", 1) for name in LINEAR_SPACE_CELLS]
+    + [(name, "scan", None) for name in LINEAR_SPACE_CELLS],
 )
-def test_long_sequence_is_stable(name, method):
-    """T = 10k: outputs match float64 and are finite, and so are the gradients."""
+def test_long_sequence_is_stable(name, method, block_size):
+    """T = 10k: outputs match float64 and are finite, and so are the gradients; by blocks
+    (the default on CPU, 100 blocks of 100 steps) and by the plain associative scan."""
     num_steps = 10_000
     cell, params, xs, h0 = _setup(name, seed=7, num_steps=num_steps, batch_size=1)
     xs = 3.0 * xs  # saturating gates: a_t near 0 and near 1
 
     def loss(params):
-        ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, method=method)
+        ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, method=method, block_size=block_size)
         return jnp.mean(ys**2) + _squared_norm(final), ys
 
     (value, ys), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

@@ -131,6 +131,7 @@ def test_unavailable_cell_and_variants_do_not_crash():
 def test_parsing_and_validation():
     assert MethodSpec.parse("scan:unroll=4,hoist=0").kwargs == {"unroll": 4, "hoist": False}
     assert str(MethodSpec.parse("scan:unroll=4,hoist=0")) == "scan:unroll=4,hoist=0"
+    assert MethodSpec.parse("associative:block_size=16").kwargs == {"block_size": 16}
     assert Shape.parse("64x100x64x256") == Shape(64, 100, 64, 256)
     assert Workload.parse("gru+lengths") == Workload("gru", ("lengths",))
     assert [s.seq_len for s in BenchConfig(seq_lengths="28,100").shape_list] == [28, 100]

@@ -14,7 +14,8 @@ from typing import Any, NamedTuple, Optional
 MODES = ("forward", "train")
 PEERS = ("flax_lstm", "flax_optimized_lstm", "haiku_lstm", "torch_lstm")
 VARIANTS = ("lengths", "bidirectional")
-UNROLL_OPTIONS = ("unroll", "hoist", "remat", "time_major")
+UNROLL_OPTIONS = ("unroll", "hoist", "remat", "time_major", "block_size")
+INTEGER_OPTIONS = ("unroll", "block_size")
 
 
 class Shape(NamedTuple):
@@ -42,8 +43,8 @@ class MethodSpec(NamedTuple):
 
     Attributes:
       method: `"scan"`, `"static"` or `"associative"` (`rnnlab.unroll`'s `method`).
-      options: keyword arguments for `rnnlab.unroll` (`unroll`, `hoist`, `remat`) and
-        `time_major` (the benchmark then feeds time-major inputs).
+      options: keyword arguments for `rnnlab.unroll` (`unroll`, `hoist`, `remat`,
+        `block_size`) and `time_major` (the benchmark then feeds time-major inputs).
     """
 
     method: str
@@ -62,7 +63,7 @@ class MethodSpec(NamedTuple):
                     f"method options are {', '.join(UNROLL_OPTIONS)} with integer values "
                     f"(0/1 for flags), got {item!r} in {text!r}."
                 )
-            options.append((key, int(value) if key == "unroll" else bool(int(value))))
+            options.append((key, int(value) if key in INTEGER_OPTIONS else bool(int(value))))
         return cls(method, tuple(options))
 
     @property
