@@ -101,6 +101,16 @@ def test_train_step_checks_loss_and_grads():
     assert record["flops"] == pytest.approx(3 * 2 * 2 * 3 * (3 + 4) * 4 * 4)
 
 
+def test_associative_methods_of_a_linear_cell_are_checked_and_timed():
+    config = tiny(cell="min_gru", seq_lengths="5", methods="scan,associative,associative:block_size=1",
+                  peers="", modes="train")
+    payload = bench.run_benchmark(config, log=quiet)
+    for target in ("min_gru/associative", "min_gru/associative:block_size=1"):
+        (record,) = records(payload, target=target)
+        assert record["status"] == "ok" and record["time_ms"]["median"] > 0
+        assert record["check"]["compared"] == ["grads", "loss"] and record["check"]["passed"]
+
+
 def test_outputs_are_checked_before_timing(monkeypatch):
     build = workloads.build_program
 

@@ -138,7 +138,9 @@ class BenchConfig:
     """
 
     cell: str = "lstm"
-    methods: str = "scan,scan:hoist=0,scan:hoist=1,scan:unroll=2,scan:unroll=4,static,associative"
+    methods: str = (
+        "scan,scan:hoist=0,scan:hoist=1,scan:unroll=2,scan:unroll=4,static,associative,associative:block_size=1"
+    )
     extra: str = ""
     peers: str = ",".join(PEERS)
     modes: str = ",".join(MODES)
