@@ -57,7 +57,8 @@ def uses_randomness(cell: RNNCell, params: Params) -> bool:
 class _RNNBase(nn.Module):
     """Helpers shared by `RNN` and `Bidirectional` (no fields of its own, so that each
     subclass lists its cells first and can be built as `RNN(cell, ...)`). Subclasses
-    define `method`, `unroll`, `remat`, `hoist`, `block_size` and `deterministic`."""
+    define `method`, `unroll`, `remat`, `hoist`, `block_size`, `fused` and
+    `deterministic`."""
 
     def _rng(self, cells_and_params: list[tuple[RNNCell, Params]], deterministic: Optional[bool]) -> Optional[PRNGKey]:
         """`make_rng("dropout")` for random cells in training, else `None`."""
@@ -69,7 +70,12 @@ class _RNNBase(nn.Module):
 
     def _unroll_options(self) -> dict[str, Any]:
         return dict(
-            method=self.method, unroll=self.unroll, remat=self.remat, hoist=self.hoist, block_size=self.block_size
+            method=self.method,
+            unroll=self.unroll,
+            remat=self.remat,
+            hoist=self.hoist,
+            block_size=self.block_size,
+            fused=self.fused,
         )
 
 
@@ -86,6 +92,7 @@ class RNN(_RNNBase):
       hoist: precompute the input projection of all steps when the cell allows it
         (`None`: as `rnnlab.unroll` decides per backend).
       block_size: blocks of the associative scan (see `rnnlab.unroll`).
+      fused: run the cell's fused scan if it has one (see `rnnlab.unroll`).
       return_state: return `(outputs, final_state)` instead of `outputs`.
       deterministic: `True` disables dropout; may instead be given at call time.
 
@@ -100,6 +107,7 @@ class RNN(_RNNBase):
     remat: bool = False
     hoist: Optional[bool] = None
     block_size: Optional[int] = None
+    fused: Optional[bool] = None
     return_state: bool = False
     deterministic: Optional[bool] = None
 
@@ -159,6 +167,7 @@ class Bidirectional(_RNNBase):
     remat: bool = False
     hoist: Optional[bool] = None
     block_size: Optional[int] = None
+    fused: Optional[bool] = None
     return_state: bool = False
     deterministic: Optional[bool] = None
 

@@ -38,6 +38,7 @@ def unroll(
     remat: bool = False,
     hoist: Optional[bool] = None,
     block_size: Optional[int] = None,
+    fused: Optional[bool] = None,
 ) -> tuple[Array, State]:
     """Runs `cell` over a batch of sequences.
 
@@ -71,9 +72,15 @@ def unroll(
       block_size: for `"associative"`: the scan runs in blocks of this many steps, all
         blocks at once, joined by an associative scan over the blocks (a two-level
         parallel scan, `2·block_size + log(T / block_size)` sequential steps); `1` is
-        `jax.lax.associative_scan` over every step. `None` (default): about `sqrt(T)` on
-        CPU, where it measured 1.3-1.4x faster than `1` (docs/benchmarks.md), and `1`
-        on GPU/TPU and for `log_space` cells (the log-space form runs only with `1`).
+        `jax.lax.associative_scan` over every step. `None` (default): about `sqrt(T)`
+        on CPU, where its train step measured 1.1-1.4x faster than with `1`
+        (docs/benchmarks.md), and `1` on GPU/TPU and for `log_space` cells (the
+        log-space form runs only with `1`).
+      fused: for `"scan"`, run a cell that has a `fused_scan` (the plain `lstm`) by it:
+        the same loop with a hand-written backward pass that computes the weight
+        gradients after the loop, in one matmul each. `None` (default): whenever the
+        step is neither hoisted nor rematerialised (on CPU it measured up to 1.14x
+        faster for a train step, docs/benchmarks.md); `False`: autodiff of the step.
 
     Returns:
       `(outputs, final_state)`: outputs `[B, T, O]` (or `[T, B, O]`), zero past each
@@ -83,6 +90,11 @@ def unroll(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
         raise ValueError(f"unroll must be a positive integer, got {unroll!r}.")
+    if fused and (method != "scan" or remat or hoist):
+        raise ValueError(
+            f"fused=True runs method='scan' without remat or hoist, got method={method!r}, "
+            f"remat={remat!r}, hoist={hoist!r}."
+        )
     if block_size is not None:
         if method != "associative":
             raise ValueError(f"block_size applies to method='associative' only, got method={method!r}.")
@@ -110,30 +122,36 @@ def unroll(
         )
     elif cell.layers is not None:
         ys, final = _unroll_layerwise(
-            cell.layers, params, xs, initial_state, lengths, method, unroll, remat, hoist
+            cell.layers, params, xs, initial_state, lengths, method, unroll, remat, hoist, fused
         )
     else:
-        ys, final = _unroll_single(cell, params, xs, initial_state, lengths, method, unroll, remat, hoist)
+        ys, final = _unroll_single(cell, params, xs, initial_state, lengths, method, unroll, remat, hoist, fused)
     if reverse:
         ys = reverse_sequence(ys, lengths)
     return (ys if time_major else jnp.swapaxes(ys, 0, 1)), final
 
 
-def _unroll_layerwise(layers, params, xs, initial_state, lengths, method, unroll, remat, hoist):
+def _unroll_layerwise(layers, params, xs, initial_state, lengths, method, unroll, remat, hoist, fused):
     """Runs a stack one layer at a time: each layer reads the whole output of the last."""
     finals = []
     for layer, layer_params, layer_state in zip(layers, params, initial_state):
-        xs, final = _unroll_single(layer, layer_params, xs, layer_state, lengths, method, unroll, remat, hoist)
+        xs, final = _unroll_single(
+            layer, layer_params, xs, layer_state, lengths, method, unroll, remat, hoist, fused
+        )
         finals.append(final)
     return xs, tuple(finals)
 
 
-def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hoist):
+def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hoist, fused):
     """The sequential loop over time-major `xs: [T, B, I]` for one (non-stacked) cell."""
+    if fused and cell.fused_scan is None:
+        raise ValueError(f"fused=True: {cell.name} has no fused scan (the plain lstm has one).")
     if hoist is None:
         hoist = cell.linear_recurrence is not None or jax.default_backend() != "cpu"
     if hoist and method == "scan" and cell.linear_recurrence is not None:
         return linear_unroll(cell, params, xs, state, lengths, parallel=False, unroll=unroll)
+    if fused is not False and cell.fused_scan is not None and method == "scan" and not (hoist or remat) and xs.shape[0]:
+        return cell.fused_scan(params, xs, state, lengths, unroll)
     if hoist and cell.can_hoist:
         zs = cell.input_projection(params, xs)
         step_fn = cell.projected_step

@@ -69,6 +69,10 @@ class RNNCell(NamedTuple):
         applied to any leading batch/time axes of `x` at once.
       projected_step: optional `(params, state, z) -> (state, y)` consuming `z`.
       linear_recurrence: set by cells linear in their state (see `LinearRecurrence`).
+      fused_scan: optional `(params, xs [T, B, I], batched state, lengths [B] | None,
+        unroll) -> (ys [T, B, O], final state)`, the whole `lax.scan` of the step with a
+        hand-written backward pass (e.g. `rnnlab.cells.lstm_scan`); `rnnlab.unroll`
+        uses it in place of autodiff of the step (see its `fused` argument).
       layers: set by `rnnlab.stack`: the stacked cells, which lets the unroll run the
         stack layer by layer (hoisting every layer's input projection); the state is
         then the tuple of the layers' states.
@@ -82,6 +86,7 @@ class RNNCell(NamedTuple):
     input_projection: Optional[ProjectionFn] = None
     projected_step: Optional[StepFn] = None
     linear_recurrence: Optional[LinearRecurrence] = None
+    fused_scan: Optional[Callable[..., tuple[Array, State]]] = None
     layers: Optional[tuple["RNNCell", ...]] = None
 
     @property
@@ -125,6 +130,7 @@ def hoistable_cell(
     *,
     input_kernel: str = "w_x",
     linear_recurrence: Optional[LinearRecurrence] = None,
+    fused_scan: Optional[Callable[..., tuple[Array, State]]] = None,
 ) -> RNNCell:
     """The `RNNCell` of a step split for hoisting. Its `step` is
     `projected_step(params, state, input_projection(params, x))`, with `x` checked
@@ -143,6 +149,7 @@ def hoistable_cell(
         input_projection=input_projection,
         projected_step=projected_step,
         linear_recurrence=linear_recurrence,
+        fused_scan=fused_scan,
     )
 
 

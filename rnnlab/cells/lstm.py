@@ -25,6 +25,7 @@ from rnnlab.cells.base import (
     glorot_uniform,
     orthogonal,
 )
+from rnnlab.cells.lstm_scan import lstm_fused_scan
 
 LAYER_NORM_EPSILON = 1e-5
 """Added to the variance in every layer norm of the LSTM (TF1's contrib layer norm uses
@@ -228,7 +229,11 @@ def lstm(
                 h = jnp.clip(h, -proj_clip, proj_clip)
         return LSTMState(c=c, h=h), h
 
-    return hoistable_cell(name, output_size, init, initial_state, input_projection, projected_step)
+    plain = not (peepholes or cifg or layer_norm or cell_clip is not None or num_proj is not None)
+    fused_scan = lstm_fused_scan(forget_bias) if plain and activation is jnp.tanh else None
+    return hoistable_cell(
+        name, output_size, init, initial_state, input_projection, projected_step, fused_scan=fused_scan
+    )
 
 
 def _name(

@@ -1,0 +1,116 @@
+"""The plain LSTM's fused scan (`rnnlab.cells.lstm_scan`): the same values and
+gradients as autodiff of the step under `lax.scan`, numerical gradients, and when it
+runs. (`tests/test_unroll.py` also checks it against the per-example NumPy loop.)"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import rnnlab
+import rnnlab.linen
+from rnnlab.cells import gru, lstm
+
+B, T, I, H = 4, 6, 3, 5
+LENGTHS = jnp.array([6, 0, 2, 4], jnp.int32)
+
+
+def _setup(cell, seed=0):
+    k_params, k_xs, k_state = jax.random.split(jax.random.PRNGKey(seed), 3)
+    params = cell.init(k_params, I)
+    xs = jax.random.normal(k_xs, (B, T, I))
+    leaves, treedef = jax.tree.flatten(rnnlab.batched_initial_state(cell, params, B))
+    keys = jax.random.split(k_state, len(leaves))
+    state = jax.tree.unflatten(treedef, [jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+    return params, xs, state
+
+
+def _loss(cell, fused, **options):
+    def loss(params, xs, state):
+        ys, final = rnnlab.unroll(cell, params, xs, initial_state=state, fused=fused, **options)
+        weights = jnp.arange(1, cell.output_size + 1)
+        return jnp.sum(jnp.sin(3 * ys)) + sum(jnp.sum(leaf * weights) for leaf in jax.tree.leaves(final))
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(lengths=LENGTHS), dict(lengths=LENGTHS, reverse=True, unroll=2), dict(time_major=True)],
+    ids=["full", "lengths", "lengths_reverse_unroll2", "time_major"],
+)
+def test_values_and_gradients_match_autodiff_of_the_step(options):
+    cell = lstm(H, forget_bias=0.7)
+    params, xs, state = _setup(cell)
+    if options.get("time_major"):
+        xs = jnp.swapaxes(xs, 0, 1)
+    fused = jax.jit(jax.value_and_grad(_loss(cell, True, **options), argnums=(0, 1, 2)))
+    autodiff = jax.jit(jax.value_and_grad(_loss(cell, False, **options), argnums=(0, 1, 2)))
+    (value, grads), (value_ref, grads_ref) = fused(params, xs, state), autodiff(params, xs, state)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+    if "lengths" in options:  # nothing flows into the padding
+        pad = np.arange(T)[None, :] >= np.asarray(LENGTHS)[:, None]
+        assert np.all(np.asarray(grads[1])[pad] == 0.0)
+
+
+def test_one_loop_bidirectional_and_stack_match_autodiff():
+    """Both directions vmapped over one fused scan, and a stack whose LSTM layer is fused."""
+    cell = lstm(H)
+    params = rnnlab.init_bidirectional(cell, cell, jax.random.PRNGKey(1), I)
+    _, xs, _ = _setup(cell)
+
+    def bidi_loss(params, xs, fused):
+        outputs, _ = rnnlab.bidirectional(cell, cell, params, xs, lengths=LENGTHS, fused=fused)
+        return jnp.sum(jnp.sin(3 * outputs))
+
+    stack = rnnlab.stack([lstm(H), gru(4)])
+    stack_params = stack.init(jax.random.PRNGKey(2), I)
+
+    def stack_loss(params, xs, fused):
+        return jnp.sum(jnp.sin(3 * rnnlab.unroll(stack, params, xs, lengths=LENGTHS, fused=fused)[0]))
+
+    for loss, p in [(bidi_loss, params), (stack_loss, stack_params)]:
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+        for g, g_ref in zip(jax.tree.leaves(grad(p, xs, None)), jax.tree.leaves(grad(p, xs, False)), strict=True):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_numerical_gradients_in_float64():
+    with jax.enable_x64(True):
+        cell = lstm(2, forget_bias=0.3)
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), cell.init(jax.random.PRNGKey(3), 2))
+        xs = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 2), jnp.float64)
+        state = rnnlab.batched_initial_state(cell, params, 2)
+        state = jax.tree.map(lambda s: s + 0.5, state)
+        loss = jax.jit(_loss(cell, True, lengths=jnp.array([3, 2]), reverse=True))
+        check_grads(loss, (params, xs, state), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def test_only_the_plain_lstm_has_a_fused_scan():
+    assert lstm(4).fused_scan is not None
+    for cell in [lstm(4, peepholes=True), lstm(4, coupled_input_forget=True), lstm(4, layer_norm=True),
+                 lstm(4, cell_clip=1.0), lstm(4, num_proj=2), lstm(4, activation=jax.nn.relu), gru(4),
+                 rnnlab.dropout(lstm(4), output_keep=0.5)]:
+        assert cell.fused_scan is None, cell.name
+
+
+@pytest.mark.parametrize(
+    "cell, options, message",
+    [
+        (lstm(H, peepholes=True), dict(), "has no fused scan"),
+        (lstm(H), dict(hoist=True), "without remat or hoist"),
+        (lstm(H), dict(remat=True), "without remat or hoist"),
+        (lstm(H), dict(method="static"), "without remat or hoist"),
+    ],
+)
+def test_fused_true_where_it_cannot_run_raises(cell, options, message):
+    params, xs, _ = _setup(cell)
+    with pytest.raises(ValueError, match=message):
+        rnnlab.unroll(cell, params, xs, fused=True, **options)
+    with pytest.raises(ValueError, match=message):  # the Flax module passes it on
+        rnnlab.linen.RNN(cell, fused=True, **options).init(jax.random.PRNGKey(0), xs)
