@@ -138,6 +138,10 @@ def lstm(
     The split for hoisting: `input_projection(params, x) -> [..., G]` is `x·W_x (+ b)`
     for any leading axes of `x`; `projected_step` does the one recurrent matmul `h·W_h`
     and everything after it (layer norm included).
+
+    The plain cell (none of the options above, `activation=jnp.tanh`) also has a
+    `fused_scan` (`rnnlab.cells.lstm_scan`): the whole loop with a hand-written backward
+    pass, which `rnnlab.unroll(method="scan")` uses unless told `fused=False`.
     """
     num_units = check_positive_int(num_units, "num_units")
     if num_proj is not None:
