@@ -1,6 +1,6 @@
-"""The plain LSTM's fused scan (`rnnlab.cells.lstm_scan`): the same values and
-gradients as autodiff of the step under `lax.scan`, numerical gradients, and when it
-runs. (`tests/test_unroll.py` also checks it against the per-example NumPy loop.)"""
+"""The LSTM's fused scan (`rnnlab.cells.lstm_scan`, plain and layer-normalised): the
+same values and gradients as autodiff of the step under `lax.scan`, numerical
+gradients, and when it runs. (`tests/test_unroll.py` also checks it against the per-example NumPy loop.)"""
 
 from __future__ import annotations
 
@@ -37,14 +37,23 @@ def _loss(cell, fused, **options):
     return loss
 
 
+def _perturbed(params):
+    """Params with every leaf moved off its initial value (layer-norm gains of one)."""
+    keys = jax.random.split(jax.random.PRNGKey(7), len(jax.tree.leaves(params)))
+    leaves, treedef = jax.tree.flatten(params)
+    return jax.tree.unflatten(treedef, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(lengths=LENGTHS), dict(lengths=LENGTHS, reverse=True, unroll=2), dict(time_major=True)],
     ids=["full", "lengths", "lengths_reverse_unroll2", "time_major"],
 )
-def test_values_and_gradients_match_autodiff_of_the_step(options):
-    cell = lstm(H, forget_bias=0.7)
+def test_values_and_gradients_match_autodiff_of_the_step(options, layer_norm):
+    cell = lstm(H, forget_bias=0.7, layer_norm=layer_norm)
     params, xs, state = _setup(cell)
+    params = _perturbed(params)
     if options.get("time_major"):
         xs = jnp.swapaxes(xs, 0, 1)
     fused = jax.jit(jax.value_and_grad(_loss(cell, True, **options), argnums=(0, 1, 2)))
@@ -80,10 +89,12 @@ def test_one_loop_bidirectional_and_stack_match_autodiff():
             np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_numerical_gradients_in_float64():
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+def test_numerical_gradients_in_float64(layer_norm):
     with jax.enable_x64(True):
-        cell = lstm(2, forget_bias=0.3)
-        params = jax.tree.map(lambda p: p.astype(jnp.float64), cell.init(jax.random.PRNGKey(3), 2))
+        cell = lstm(3, forget_bias=0.3, layer_norm=layer_norm)
+        params = _perturbed(cell.init(jax.random.PRNGKey(3), 2))
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
         xs = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 2), jnp.float64)
         state = rnnlab.batched_initial_state(cell, params, 2)
         state = jax.tree.map(lambda s: s + 0.5, state)
@@ -91,10 +102,10 @@ def test_numerical_gradients_in_float64():
         check_grads(loss, (params, xs, state), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
-def test_only_the_plain_lstm_has_a_fused_scan():
-    assert lstm(4).fused_scan is not None
-    for cell in [lstm(4, peepholes=True), lstm(4, coupled_input_forget=True), lstm(4, layer_norm=True),
-                 lstm(4, cell_clip=1.0), lstm(4, num_proj=2), lstm(4, activation=jax.nn.relu), gru(4),
+def test_only_the_plain_and_layer_norm_lstm_have_a_fused_scan():
+    assert lstm(4).fused_scan is not None and lstm(4, layer_norm=True).fused_scan is not None
+    for cell in [lstm(4, peepholes=True), lstm(4, coupled_input_forget=True),
+                 lstm(4, layer_norm=True, layer_norm_cell=True), lstm(4, cell_clip=1.0), lstm(4, num_proj=2), lstm(4, activation=jax.nn.relu), gru(4),
                  rnnlab.dropout(lstm(4), output_keep=0.5)]:
         assert cell.fused_scan is None, cell.name
 

@@ -120,6 +120,7 @@ def run(cell: RNNCell, params: Any, inputs: Any, **kwargs: Any) -> tuple[np.ndar
 CELLS: dict[str, Callable[[], RNNCell]] = {
     "basic_rnn": lambda: basic_rnn(6),
     "lstm": lambda: lstm(8, forget_bias=0.5),  # `scan` runs its fused scan (rnnlab.cells.lstm_scan)
+    "ln_lstm": lambda: lstm(8, layer_norm=True),  # so does this one
     "lstm_peep_proj": lambda: lstm(8, peepholes=True, num_proj=5, cell_clip=2.0),
     "gru": lambda: gru(7),
     "stack_lstm8_gru12": lambda: rnnlab.stack([lstm(8), gru(12)]),

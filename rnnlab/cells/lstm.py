@@ -139,7 +139,7 @@ def lstm(
     for any leading axes of `x`; `projected_step` does the one recurrent matmul `h·W_h`
     and everything after it (layer norm included).
 
-    The plain cell (none of the options above, `activation=jnp.tanh`) also has a
+    The plain cell (none of the options above but `layer_norm`, with `jnp.tanh`) also has a
     `fused_scan` (`rnnlab.cells.lstm_scan`): the whole loop with a hand-written backward
     pass, which `rnnlab.unroll(method="scan")` uses unless told `fused=False`.
     """
@@ -233,8 +233,12 @@ def lstm(
                 h = jnp.clip(h, -proj_clip, proj_clip)
         return LSTMState(c=c, h=h), h
 
-    plain = not (peepholes or cifg or layer_norm or cell_clip is not None or num_proj is not None)
-    fused_scan = lstm_fused_scan(forget_bias) if plain and activation is jnp.tanh else None
+    plain = not (peepholes or cifg or layer_norm_cell or cell_clip is not None or num_proj is not None)
+    fused_scan = (
+        lstm_fused_scan(forget_bias, LAYER_NORM_EPSILON if layer_norm else None)
+        if plain and activation is jnp.tanh
+        else None
+    )
     return hoistable_cell(
         name, output_size, init, initial_state, input_projection, projected_step, fused_scan=fused_scan
     )

@@ -1,4 +1,4 @@
-"""The plain LSTM over a whole sequence, with a hand-written backward pass.
+"""The LSTM over a whole sequence, with a hand-written backward pass.
 
 Autodiff of `lax.scan` over the LSTM's step accumulates the weight gradients inside
 the backward loop: `dW_x += x_tᵀ·dg_t` and `dW_h += h_{t-1}ᵀ·dg_t` at every step (`dg_t`:
@@ -8,17 +8,18 @@ and writes `dg_t`; the weight gradients are then one matmul each over all `T·B`
 as cuDNN and oneDNN compute them. The gate activations are one elementwise pass over
 `[B, 4H]` (`tanh(x) = 2σ(2x) − 1` for the `j` block), saved for the backward pass.
 
-`rnnlab.cells.lstm` attaches `lstm_fused_scan(forget_bias)` to cells without
-peepholes, CIFG, layer norms, clipping or projection (and with `tanh`), and
-`rnnlab.unroll` uses it for `method="scan"` when the step is neither hoisted nor
-rematerialised (`fused=None`, the default on CPU). It gives the numbers of the step
-under `lax.scan` up to rounding (tested, values and gradients).
+`rnnlab.cells.lstm` attaches `lstm_fused_scan` to cells without peepholes, CIFG,
+clipping, projection or `layer_norm_cell` (and with `tanh`); the gate layer norm of
+`layer_norm=True` is included, differentiated by hand as well. `rnnlab.unroll` uses
+it for `method="scan"` when the step is neither hoisted nor rematerialised
+(`fused=None`, the default on CPU). It gives the numbers of the step under
+`lax.scan` up to rounding (tested, values and gradients).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,11 @@ import jax.numpy as jnp
 from rnnlab.cells.base import Array, Params, State
 
 
-def lstm_fused_scan(forget_bias: float) -> Callable[..., tuple[Array, State]]:
-    """The fused scan of `lstm(num_units, forget_bias=forget_bias)`.
+def lstm_fused_scan(
+    forget_bias: float, layer_norm_epsilon: Optional[float] = None
+) -> Callable[..., tuple[Array, State]]:
+    """The fused scan of `lstm(num_units, forget_bias=forget_bias)`, or with
+    `layer_norm_epsilon` of `lstm(..., layer_norm=True)` (gates normalised per gate).
 
     Returns:
       `(params, xs, state, lengths, unroll) -> (ys, final_state)` with time-major
@@ -40,10 +44,19 @@ def lstm_fused_scan(forget_bias: float) -> Callable[..., tuple[Array, State]]:
         params: Params, xs: Array, state: State, lengths: Optional[Array], unroll: int = 1
     ) -> tuple[Array, State]:
         valid = None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]  # [T, B]
-        ys, (c, h) = _lstm_sequence(forget_bias, unroll, params, xs, state.c, state.h, valid)
+        options = _Options(forget_bias, layer_norm_epsilon, unroll)
+        ys, (c, h) = _lstm_sequence(options, params, xs, state.c, state.h, valid)
         return ys, state._replace(c=c, h=h)
 
     return fused_scan
+
+
+class _Options(NamedTuple):
+    """The static settings of one fused scan."""
+
+    forget_bias: float
+    layer_norm_epsilon: Optional[float]  # None: no layer norm (the params have a bias `b`)
+    unroll: int
 
 
 def _gate_constants(num_units: int, forget_bias: float, dtype) -> tuple[Array, Array, Array]:
@@ -56,79 +69,115 @@ def _gate_constants(num_units: int, forget_bias: float, dtype) -> tuple[Array, A
     return per_gate(1, 2, 1, 1), per_gate(0, 0, forget_bias, 0), per_gate(0, -1, 0, 0)
 
 
-def _forward(forget_bias, unroll, params, xs, c0, h0, valid):
+def _per_gate(v: Array) -> Array:
+    """`[B, 4H] -> [B, 4, H]`."""
+    return v.reshape(v.shape[:-1] + (4, -1))
+
+
+def _normalise_per_gate(v: Array, epsilon: float) -> tuple[Array, Array]:
+    """Each gate's `H` pre-activations of `v: [B, 4H]` to zero mean and unit variance:
+    `(normed [B, 4H], 1/σ [B, 4, 1])`."""
+    centred = _per_gate(v) - jnp.mean(_per_gate(v), axis=-1, keepdims=True)
+    inverse_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
+    return (centred * inverse_std).reshape(v.shape), inverse_std
+
+
+def _forward(options, params, xs, c0, h0, valid):
     """The loop: outputs `ys [T, B, H]`, the carried states `cs, hs [T, B, H]` after
-    every step (`hs` is `ys` without lengths) and the gate activations `acts [T, B, 4H]`."""
+    every step (`hs` is `ys` without lengths), the gate activations `acts [T, B, 4H]`
+    and, with layer norm, the normalised gates `[T, B, 4H]` and `1/σ [T, B, 4, 1]`."""
     num_units = params["w_h"].shape[1] // 4
-    scale, shift, offset = _gate_constants(num_units, forget_bias, xs.dtype)
+    scale, shift, offset = _gate_constants(num_units, options.forget_bias, xs.dtype)
+    layer_norm = options.layer_norm_epsilon is not None
 
     def step(carry, inputs):
         c, h = carry
         x, valid_t = inputs
-        acts = jax.nn.sigmoid((x @ params["w_x"] + params["b"] + h @ params["w_h"]) * scale + shift) * scale + offset
+        v = x @ params["w_x"] + h @ params["w_h"]
+        if layer_norm:
+            normed, inverse_std = _normalise_per_gate(v, options.layer_norm_epsilon)
+            v, norms = normed * params["ln_scale"] + params["ln_shift"], (normed, inverse_std)
+        else:
+            v, norms = v + params["b"], None
+        acts = jax.nn.sigmoid(v * scale + shift) * scale + offset
         i, j, f, o = jnp.split(acts, 4, axis=-1)
         new_c = f * c + i * j
         new_h = o * jnp.tanh(new_c)
         if valid_t is None:  # the outputs are the states
-            return (new_c, new_h), (new_h, new_c, None, acts)
+            return (new_c, new_h), (new_h, new_c, None, acts, norms)
         keep = valid_t[:, None]
         new_c, new_h = jnp.where(keep, new_c, c), jnp.where(keep, new_h, h)
-        return (new_c, new_h), (jnp.where(keep, new_h, 0.0), new_c, new_h, acts)
+        return (new_c, new_h), (jnp.where(keep, new_h, 0.0), new_c, new_h, acts, norms)
 
-    (c, h), (ys, cs, hs, acts) = jax.lax.scan(step, (c0, h0), (xs, valid), unroll=unroll)
-    return ys, (c, h), (cs, ys if hs is None else hs, acts)
+    (c, h), (ys, cs, hs, acts, norms) = jax.lax.scan(step, (c0, h0), (xs, valid), unroll=options.unroll)
+    return ys, (c, h), (cs, ys if hs is None else hs, acts, norms)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _lstm_sequence(forget_bias, unroll, params, xs, c0, h0, valid):
-    ys, final, _ = _forward(forget_bias, unroll, params, xs, c0, h0, valid)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lstm_sequence(options, params, xs, c0, h0, valid):
+    ys, final, _ = _forward(options, params, xs, c0, h0, valid)
     return ys, final
 
 
-def _lstm_sequence_fwd(forget_bias, unroll, params, xs, c0, h0, valid):
-    ys, final, (cs, hs, acts) = _forward(forget_bias, unroll, params, xs, c0, h0, valid)
-    return (ys, final), (params, xs, c0, h0, valid, cs, hs, acts)
+def _lstm_sequence_fwd(options, params, xs, c0, h0, valid):
+    ys, final, saved = _forward(options, params, xs, c0, h0, valid)
+    return (ys, final), (params, xs, c0, h0, valid, saved)
 
 
-def _lstm_sequence_bwd(forget_bias, unroll, residuals, cotangents):
-    """The reverse loop carries `(dc, dh)` and writes the gate gradients `dg_t`; the
-    gradients of `W_x`, `W_h`, `b` and `xs` follow from all `dg` at once."""
-    del forget_bias
-    params, xs, c0, h0, valid, cs, hs, acts = residuals
+def _lstm_sequence_bwd(options, residuals, cotangents):
+    """The reverse loop carries `(dc, dh)` (and, with layer norm, the sums of the norm's
+    gain and shift gradients) and writes `dv_t`, the gradient of `x_t·W_x + h_{t-1}·W_h`;
+    the gradients of `W_x`, `W_h`, `b` and `xs` follow from all `dv` at once."""
+    params, xs, c0, h0, valid, (cs, hs, acts, norms) = residuals
     d_ys, (d_c_final, d_h_final) = cotangents
     num_units = params["w_h"].shape[1] // 4
     is_j = (jnp.arange(4 * num_units) // num_units) == 1
     c_prev = jnp.concatenate([c0[None], cs[:-1]])
     w_h_t = params["w_h"].T
+    layer_norm = options.layer_norm_epsilon is not None
 
     def step(carry, inputs):
-        dc, dh = carry
-        d_y, c, c_before, a, valid_t = inputs
+        dc, dh, d_norm = carry
+        d_y, c, c_before, a, norms_t, valid_t = inputs
         i, j, f, o = jnp.split(a, 4, axis=-1)
         dh_total = dh + (d_y if valid_t is None else jnp.where(valid_t[:, None], d_y, 0.0))
         tanh_c = jnp.tanh(c)
         dc_total = dc + dh_total * o * (1 - tanh_c * tanh_c)
         d_acts = jnp.concatenate([dc_total * j, dc_total * i, dc_total * c_before, dh_total * tanh_c], axis=-1)
-        dg = d_acts * jnp.where(is_j, 1 - a * a, a * (1 - a))
+        dg = d_acts * jnp.where(is_j, 1 - a * a, a * (1 - a))  # of the gates' pre-activations
         dc_prev = dc_total * f
         if valid_t is not None:  # a skipped step passes the state's gradient through
             keep = valid_t[:, None]
             dg = jnp.where(keep, dg, 0.0)
             dc_prev = jnp.where(keep, dc_prev, dc)
-            return (dc_prev, dg @ w_h_t + jnp.where(keep, 0.0, dh)), dg
-        return (dc_prev, dg @ w_h_t), dg
+            dh = jnp.where(keep, 0.0, dh)
+        else:
+            dh = 0.0
+        if layer_norm:  # back through `normed·gain + shift`, then the normalisation
+            normed, inverse_std = norms_t
+            d_norm = (d_norm[0] + jnp.sum(dg * normed, axis=0), d_norm[1] + jnp.sum(dg, axis=0))
+            g = _per_gate(dg * params["ln_scale"])
+            n = _per_gate(normed)
+            dv = inverse_std * (g - jnp.mean(g, axis=-1, keepdims=True) - n * jnp.mean(g * n, axis=-1, keepdims=True))
+            dg = dv.reshape(dg.shape)
+        return (dc_prev, dg @ w_h_t + dh, d_norm), dg
 
-    (dc0, dh0), dgs = jax.lax.scan(
-        step, (d_c_final, d_h_final), (d_ys, cs, c_prev, acts, valid), reverse=True, unroll=unroll
+    zeros = jnp.zeros((4 * num_units,), xs.dtype)
+    (dc0, dh0, (d_gain, d_shift)), dvs = jax.lax.scan(
+        step,
+        (d_c_final, d_h_final, (zeros, zeros)),
+        (d_ys, cs, c_prev, acts, norms, valid),
+        reverse=True,
+        unroll=options.unroll,
     )
     h_prev = jnp.concatenate([h0[None], hs[:-1]])
     rows = lambda a: a.reshape(-1, a.shape[-1])  # [T, B, n] -> [T·B, n]
-    d_params = {
-        "w_x": rows(xs).T @ rows(dgs),
-        "w_h": rows(h_prev).T @ rows(dgs),
-        "b": jnp.sum(dgs, axis=(0, 1)),
-    }
-    return d_params, dgs @ params["w_x"].T, dc0, dh0, None
+    d_params = {"w_x": rows(xs).T @ rows(dvs), "w_h": rows(h_prev).T @ rows(dvs)}
+    if layer_norm:
+        d_params.update(ln_scale=d_gain, ln_shift=d_shift)
+    else:
+        d_params["b"] = jnp.sum(dvs, axis=(0, 1))
+    return d_params, dvs @ params["w_x"].T, dc0, dh0, None
 
 
 _lstm_sequence.defvjp(_lstm_sequence_fwd, _lstm_sequence_bwd)
