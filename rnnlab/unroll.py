@@ -82,7 +82,9 @@ def unroll(
         gradients after the loop, in one matmul each. `None` (default): whenever the
         step is neither hoisted nor rematerialised (a train step on 2 CPU cores
         measured 1.03-1.48x faster at seven shapes, 0.9x at B=128, T=28, H=128;
-        docs/benchmarks.md); `False`: autodiff of the step.
+        docs/benchmarks.md); `False`: autodiff of the step. The fused scan is
+        differentiated in reverse mode only (`jax.grad`, `jax.vjp`, also nested); for
+        forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) pass `fused=False`.
 
     Returns:
       `(outputs, final_state)`: outputs `[B, T, O]` (or `[T, B, O]`), zero past each

@@ -102,6 +102,22 @@ def test_numerical_gradients_in_float64(layer_norm):
         check_grads(loss, (params, xs, state), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
+def test_forward_mode_needs_fused_false_and_matches_the_fused_reverse_mode():
+    cell = lstm(3)
+    params, xs, state = _setup(cell)
+    direction = jax.random.normal(jax.random.PRNGKey(5), xs.shape)
+
+    def outputs(fused):
+        return lambda xs: rnnlab.unroll(cell, params, xs, initial_state=state, lengths=LENGTHS, fused=fused)[0]
+
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(outputs(None), (xs,), (direction,))
+    _, tangent = jax.jvp(outputs(False), (xs,), (direction,))
+    jacobian = jax.jacrev(outputs(None))(xs)  # [B, T, H, B, T, I], by the fused backward pass
+    expected = jnp.tensordot(jacobian, direction, axes=3)
+    np.testing.assert_allclose(tangent, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_only_the_plain_and_layer_norm_lstm_have_a_fused_scan():
     assert lstm(4).fused_scan is not None and lstm(4, layer_norm=True).fused_scan is not None
     for cell in [lstm(4, peepholes=True), lstm(4, coupled_input_forget=True),

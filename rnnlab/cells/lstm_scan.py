@@ -13,7 +13,9 @@ clipping, projection or `layer_norm_cell` (and with `tanh`); the gate layer norm
 `layer_norm=True` is included, differentiated by hand as well. `rnnlab.unroll` uses
 it for `method="scan"` when the step is neither hoisted nor rematerialised
 (`fused=None`, the default on CPU). It gives the numbers of the step under
-`lax.scan` up to rounding (tested, values and gradients).
+`lax.scan` up to rounding (tested, values and gradients). Being a `jax.custom_vjp`,
+it supports reverse mode only; `jax.jvp` through it raises a `TypeError`, and
+`rnnlab.unroll(..., fused=False)` is the way to forward mode.
 """
 
 from __future__ import annotations
