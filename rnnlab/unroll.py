@@ -76,8 +76,8 @@ def unroll(
         on CPU, where its train step measured 1.1-1.4x faster than with `1`
         (docs/benchmarks.md), and `1` on GPU/TPU and for `log_space` cells (the
         log-space form runs only with `1`).
-      fused: for `"scan"`, run a cell that has a `fused_scan` (the plain `lstm`, also
-        with `layer_norm=True`) by it:
+      fused: for `"scan"`, run a cell that has a `fused_scan` (`lstm` without
+        peepholes, CIFG, clipping, projection or `layer_norm_cell`; `gru`) by it:
         the same loop with a hand-written backward pass that computes the weight
         gradients after the loop, in one matmul each. `None` (default): whenever the
         step is neither hoisted nor rematerialised (a train step on 2 CPU cores
@@ -150,7 +150,8 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
     """The sequential loop over time-major `xs: [T, B, I]` for one (non-stacked) cell."""
     if fused and cell.fused_scan is None:
         raise ValueError(
-            f"fused=True: {cell.name} has no fused scan (the plain lstm, also with layer_norm, has one)."
+            f"fused=True: {cell.name} has no fused scan (lstm without peepholes, CIFG, clipping, "
+            "projection or layer_norm_cell, and gru, each with tanh, have one)."
         )
     if hoist is None:
         hoist = cell.linear_recurrence is not None or jax.default_backend() != "cpu"

@@ -20,6 +20,7 @@ from rnnlab.cells.base import (
     orthogonal,
     zero_state,
 )
+from rnnlab.cells.gru_scan import gru_fused_scan
 
 
 def gru(
@@ -59,6 +60,10 @@ def gru(
     recurrent part: one `h·W_h` matmul with `reset_after`; with TF1's form two, `h·W_h`
     over the gate columns and `(r⊙h)·W_h` over the candidate columns, since the second
     depends on `r`.
+
+    With `jnp.tanh`, both forms also have a `fused_scan` (`rnnlab.cells.gru_scan`): the
+    whole loop with a hand-written backward pass, which `rnnlab.unroll(method="scan")`
+    uses unless told `fused=False`.
     """
     num_units = check_positive_int(num_units, "num_units")
     if gate_bias_init is None:
@@ -97,5 +102,11 @@ def gru(
         return h, h
 
     return hoistable_cell(
-        name, num_units, init, zero_state(num_units, "w_h"), affine_input_projection, projected_step
+        name,
+        num_units,
+        init,
+        zero_state(num_units, "w_h"),
+        affine_input_projection,
+        projected_step,
+        fused_scan=gru_fused_scan(reset_after) if activation is jnp.tanh else None,
     )

@@ -1,6 +1,7 @@
-"""The LSTM's fused scan (`rnnlab.cells.lstm_scan`, plain and layer-normalised): the
-same values and gradients as autodiff of the step under `lax.scan`, numerical
-gradients, and when it runs. (`tests/test_unroll.py` also checks it against the per-example NumPy loop.)"""
+"""The fused scans of the LSTM (`rnnlab.cells.lstm_scan`, plain and layer-normalised)
+and the GRU (`rnnlab.cells.gru_scan`, both forms): the same values and gradients as
+autodiff of the step under `lax.scan`, numerical gradients, and when they run.
+(`tests/test_unroll.py` also checks them against the per-example loop.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from jax.test_util import check_grads
 
 import rnnlab
 import rnnlab.linen
-from rnnlab.cells import gru, lstm
+from rnnlab.cells import basic_rnn, gru, lstm
 
 B, T, I, H = 4, 6, 3, 5
 LENGTHS = jnp.array([6, 0, 2, 4], jnp.int32)
@@ -44,14 +45,23 @@ def _perturbed(params):
     return jax.tree.unflatten(treedef, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+# name -> a cell of width H with a fused scan
+FUSED_CELLS = {
+    "lstm": lambda: lstm(H, forget_bias=0.7),
+    "ln_lstm": lambda: lstm(H, forget_bias=0.7, layer_norm=True),
+    "gru": lambda: gru(H),
+    "gru_reset_after": lambda: gru(H, reset_after=True),
+}
+
+
+@pytest.mark.parametrize("name", FUSED_CELLS)
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(lengths=LENGTHS), dict(lengths=LENGTHS, reverse=True, unroll=2), dict(time_major=True)],
     ids=["full", "lengths", "lengths_reverse_unroll2", "time_major"],
 )
-def test_values_and_gradients_match_autodiff_of_the_step(options, layer_norm):
-    cell = lstm(H, forget_bias=0.7, layer_norm=layer_norm)
+def test_values_and_gradients_match_autodiff_of_the_step(options, name):
+    cell = FUSED_CELLS[name]()
     params, xs, state = _setup(cell)
     params = _perturbed(params)
     if options.get("time_major"):
@@ -89,10 +99,14 @@ def test_one_loop_bidirectional_and_stack_match_autodiff():
             np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
-def test_numerical_gradients_in_float64(layer_norm):
+@pytest.mark.parametrize(
+    "make_cell",
+    [lambda: lstm(3, forget_bias=0.3), lambda: lstm(3, layer_norm=True), lambda: gru(3), lambda: gru(3, reset_after=True)],
+    ids=["lstm", "ln_lstm", "gru", "gru_reset_after"],
+)
+def test_numerical_gradients_in_float64(make_cell):
     with jax.enable_x64(True):
-        cell = lstm(3, forget_bias=0.3, layer_norm=layer_norm)
+        cell = make_cell()
         params = _perturbed(cell.init(jax.random.PRNGKey(3), 2))
         params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
         xs = jax.random.normal(jax.random.PRNGKey(4), (2, 3, 2), jnp.float64)
@@ -102,8 +116,9 @@ def test_numerical_gradients_in_float64(layer_norm):
         check_grads(loss, (params, xs, state), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
-def test_forward_mode_needs_fused_false_and_matches_the_fused_reverse_mode():
-    cell = lstm(3)
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_forward_mode_needs_fused_false_and_matches_the_fused_reverse_mode(name):
+    cell = FUSED_CELLS[name]()
     params, xs, state = _setup(cell)
     direction = jax.random.normal(jax.random.PRNGKey(5), xs.shape)
 
@@ -118,11 +133,20 @@ def test_forward_mode_needs_fused_false_and_matches_the_fused_reverse_mode():
     np.testing.assert_allclose(tangent, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_only_the_plain_and_layer_norm_lstm_have_a_fused_scan():
-    assert lstm(4).fused_scan is not None and lstm(4, layer_norm=True).fused_scan is not None
-    for cell in [lstm(4, peepholes=True), lstm(4, coupled_input_forget=True),
-                 lstm(4, layer_norm=True, layer_norm_cell=True), lstm(4, cell_clip=1.0), lstm(4, num_proj=2), lstm(4, activation=jax.nn.relu), gru(4),
-                 rnnlab.dropout(lstm(4), output_keep=0.5)]:
+def test_which_cells_have_a_fused_scan():
+    assert all(make_cell().fused_scan is not None for make_cell in FUSED_CELLS.values())
+    without = [
+        lstm(4, peepholes=True),
+        lstm(4, coupled_input_forget=True),
+        lstm(4, layer_norm=True, layer_norm_cell=True),
+        lstm(4, cell_clip=1.0),
+        lstm(4, num_proj=2),
+        lstm(4, activation=jax.nn.relu),
+        gru(4, activation=jax.nn.relu),
+        basic_rnn(4),
+        rnnlab.dropout(lstm(4), output_keep=0.5),
+    ]
+    for cell in without:
         assert cell.fused_scan is None, cell.name
 
 
