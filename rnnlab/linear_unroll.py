@@ -101,12 +101,13 @@ def _check_linear(cell: RNNCell, where: str = "") -> None:
 
 
 def default_block_size(num_steps: int, log_space: bool) -> int:
-    """The associative scan's block size when none is given: about `sqrt(T)` on CPU, so
-    that the two-level scan takes `O(sqrt(T))` sequential steps of `O(sqrt(T))`-wide work
-    (docs/benchmarks.md measured its train step 1.1-1.4x faster than the plain
-    associative scan's on 2 CPU cores); `1` (the plain scan, `O(log T)` depth, not yet measured against blocks
-    there) on GPU/TPU, and for cells that asked for the log-space form, which only the
-    plain scan runs."""
+    """The associative scan's block size when none is given.
+
+    On CPU about `sqrt(T)`, so that the two-level scan takes `O(sqrt(T))` sequential
+    steps of `O(sqrt(T))`-wide work (docs/benchmarks.md measured its train step
+    1.1-1.4x faster than the plain associative scan's on 2 CPU cores). `1`, the plain
+    scan of `O(log T)` depth, on GPU/TPU (blocks are not measured there yet) and for
+    cells that asked for the log-space form, which only the plain scan runs."""
     if log_space or jax.default_backend() != "cpu":
         return 1
     return math.isqrt(num_steps - 1) + 1 if num_steps > 1 else 1

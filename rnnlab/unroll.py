@@ -82,9 +82,10 @@ def unroll(
         gradients after the loop, in one matmul each. `None` (default): whenever the
         step is neither hoisted nor rematerialised (a train step on 2 CPU cores
         measured 1.03-1.48x faster at seven shapes, 0.9x at B=128, T=28, H=128;
-        docs/benchmarks.md); `False`: autodiff of the step. The fused scan is
-        differentiated in reverse mode only (`jax.grad`, `jax.vjp`, also nested); for
-        forward mode (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) pass `fused=False`.
+        docs/benchmarks.md); `True`: require it (and do not hoist, on any backend);
+        `False`: autodiff of the step. The fused scan is differentiated in reverse
+        mode only (`jax.grad`, `jax.vjp`, nested, and `jax.hessian`); for `jax.jvp` or
+        `jax.jacfwd` straight through the unroll pass `fused=False`.
 
     Returns:
       `(outputs, final_state)`: outputs `[B, T, O]` (or `[T, B, O]`), zero past each
@@ -153,11 +154,12 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
             f"fused=True: {cell.name} has no fused scan (lstm without peepholes, CIFG, clipping, "
             "projection or layer_norm_cell, and gru, each with tanh, have one)."
         )
-    if hoist is None:
-        hoist = cell.linear_recurrence is not None or jax.default_backend() != "cpu"
+    if hoist is None:  # an explicit fused=True keeps the step un-hoisted on every backend
+        hoist = cell.linear_recurrence is not None or (jax.default_backend() != "cpu" and not fused)
     if hoist and method == "scan" and cell.linear_recurrence is not None:
         return linear_unroll(cell, params, xs, state, lengths, parallel=False, unroll=unroll)
-    if fused is not False and cell.fused_scan is not None and method == "scan" and not (hoist or remat) and xs.shape[0]:
+    use_fused = fused is not False and cell.fused_scan is not None and method == "scan"
+    if use_fused and not (hoist or remat) and xs.shape[0] > 0:
         return cell.fused_scan(params, xs, state, lengths, unroll)
     if hoist and cell.can_hoist:
         zs = cell.input_projection(params, xs)
@@ -310,7 +312,7 @@ def bidirectional(
       inputs: `[B, T, I]` (or `[T, B, I]` when `time_major`).
       merge: `"concat"` gives `[B, T, O_fw + O_bw]`; `"none"` gives the pair `(fw, bw)`.
       unroll_kwargs: passed to `unroll` (`method`, `unroll`, `remat`, `hoist`,
-        `block_size`).
+        `block_size`, `fused`).
 
     Returns:
       `(outputs, (final_fw, final_bw))`.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import flax.core
 import numpy as np
 import pytest
 from jax.test_util import check_grads
@@ -101,7 +102,12 @@ def test_one_loop_bidirectional_and_stack_match_autodiff():
 
 @pytest.mark.parametrize(
     "make_cell",
-    [lambda: lstm(3, forget_bias=0.3), lambda: lstm(3, layer_norm=True), lambda: gru(3), lambda: gru(3, reset_after=True)],
+    [
+        lambda: lstm(3, forget_bias=0.3),
+        lambda: lstm(3, layer_norm=True),
+        lambda: gru(3),
+        lambda: gru(3, reset_after=True),
+    ],
     ids=["lstm", "ln_lstm", "gru", "gru_reset_after"],
 )
 def test_numerical_gradients_in_float64(make_cell):
@@ -125,7 +131,7 @@ def test_forward_mode_needs_fused_false_and_matches_the_fused_reverse_mode(name)
     def outputs(fused):
         return lambda xs: rnnlab.unroll(cell, params, xs, initial_state=state, lengths=LENGTHS, fused=fused)[0]
 
-    with pytest.raises(TypeError, match="forward-mode"):
+    with pytest.raises(TypeError, match="pass fused=False"):
         jax.jvp(outputs(None), (xs,), (direction,))
     _, tangent = jax.jvp(outputs(False), (xs,), (direction,))
     jacobian = jax.jacrev(outputs(None))(xs)  # [B, T, H, B, T, I], by the fused backward pass
@@ -165,3 +171,49 @@ def test_fused_true_where_it_cannot_run_raises(cell, options, message):
         rnnlab.unroll(cell, params, xs, fused=True, **options)
     with pytest.raises(ValueError, match=message):  # the Flax module passes it on
         rnnlab.linen.RNN(cell, fused=True, **options).init(jax.random.PRNGKey(0), xs)
+
+
+@pytest.mark.parametrize("name", FUSED_CELLS)
+def test_bfloat16_inputs_with_float32_params(name):
+    """Gradients come back in each input's dtype, and the values match autodiff of the
+    step (float32 compute, since the params are float32)."""
+    cell = FUSED_CELLS[name]()
+    params, xs, _ = _setup(cell)
+    xs = xs.astype(jnp.bfloat16)
+
+    def loss(params, xs, fused):
+        return jnp.sum(jnp.sin(3 * rnnlab.unroll(cell, params, xs, lengths=LENGTHS, fused=fused)[0]))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    grads, grads_ref = grad(params, xs, None), grad(params, xs, False)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        assert g.dtype == g_ref.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=2e-2, atol=2e-2)
+
+
+def test_frozen_params_and_a_traced_forget_bias():
+    """Params in a Flax `FrozenDict` get gradients of the same container; a `forget_bias`
+    traced by `jit` (a sweep) runs the step, since the fused scan needs a number."""
+    cell = lstm(H)
+    params, xs, _ = _setup(cell)
+    frozen = flax.core.freeze(params)
+    grads = jax.grad(lambda p: jnp.sum(rnnlab.unroll(cell, p, xs)[0]))(frozen)
+    assert isinstance(grads, flax.core.FrozenDict)
+    grads_ref = jax.grad(lambda p: jnp.sum(rnnlab.unroll(cell, p, xs, fused=False)[0]))(params)
+    for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+    swept = jax.jit(lambda bias: rnnlab.unroll(lstm(H, forget_bias=bias), params, xs)[0])(0.3)
+    np.testing.assert_allclose(swept, rnnlab.unroll(lstm(H, forget_bias=0.3), params, xs)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_true_keeps_the_step_unhoisted_on_accelerators(monkeypatch):
+    calls = []
+    cell = lstm(H)
+    spy = cell._replace(fused_scan=lambda *args: calls.append(1) or cell.fused_scan(*args))
+    params, xs, _ = _setup(cell)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    rnnlab.unroll(spy, params, xs)  # fused=None: hoisted on a GPU, no fused scan
+    assert not calls
+    rnnlab.unroll(spy, params, xs, fused=True)
+    assert calls

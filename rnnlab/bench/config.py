@@ -44,7 +44,8 @@ class MethodSpec(NamedTuple):
     Attributes:
       method: `"scan"`, `"static"` or `"associative"` (`rnnlab.unroll`'s `method`).
       options: keyword arguments for `rnnlab.unroll` (`unroll`, `hoist`, `remat`,
-        `block_size`) and `time_major` (the benchmark then feeds time-major inputs).
+        `fused`, `block_size`) and `time_major` (the benchmark then feeds time-major
+        inputs).
     """
 
     method: str
@@ -139,7 +140,8 @@ class BenchConfig:
 
     cell: str = "lstm"
     methods: str = (
-        "scan,scan:hoist=0,scan:hoist=1,scan:unroll=2,scan:unroll=4,static,associative,associative:block_size=1"
+        "scan,scan:hoist=0,scan:hoist=1,scan:fused=0,scan:unroll=2,scan:unroll=4,static,"
+        "associative,associative:block_size=1"
     )
     extra: str = ""
     peers: str = ",".join(PEERS)

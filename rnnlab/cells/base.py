@@ -69,13 +69,14 @@ class RNNCell(NamedTuple):
         applied to any leading batch/time axes of `x` at once.
       projected_step: optional `(params, state, z) -> (state, y)` consuming `z`.
       linear_recurrence: set by cells linear in their state (see `LinearRecurrence`).
-      fused_scan: optional `(params, xs [T, B, I], batched state, lengths [B] | None,
-        unroll) -> (ys [T, B, O], final state)`, the whole `lax.scan` of the step with a
-        hand-written backward pass (e.g. `rnnlab.cells.lstm_scan`); `rnnlab.unroll`
-        uses it in place of autodiff of the step (see its `fused` argument).
       layers: set by `rnnlab.stack`: the stacked cells, which lets the unroll run the
         stack layer by layer (hoisting every layer's input projection); the state is
         then the tuple of the layers' states.
+      fused_scan: optional `(params, xs [T, B, I], batched state, lengths [B] | None,
+        unroll) -> (ys [T, B, O], final state)`, the whole `lax.scan` of `step` with a
+        hand-written backward pass (`rnnlab.cells.lstm_scan`, `gru_scan`);
+        `rnnlab.unroll` runs it instead of `step` (see its `fused` argument), so a cell
+        whose `step` is replaced (`cell._replace(step=...)`) must drop it too.
     """
 
     init: InitFn
@@ -86,8 +87,8 @@ class RNNCell(NamedTuple):
     input_projection: Optional[ProjectionFn] = None
     projected_step: Optional[StepFn] = None
     linear_recurrence: Optional[LinearRecurrence] = None
-    fused_scan: Optional[Callable[..., tuple[Array, State]]] = None
     layers: Optional[tuple["RNNCell", ...]] = None
+    fused_scan: Optional[Callable[..., tuple[Array, State]]] = None
 
     @property
     def can_hoist(self) -> bool:

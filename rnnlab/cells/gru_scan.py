@@ -7,8 +7,8 @@ gradients of `W_x`, `W_h` and the biases are then one matmul (or sum) each over 
 
 Both forms of `rnnlab.cells.gru` (with `tanh`) have one: TF1's, where the candidate
 reads `(r⊙h)·W_h`, and `reset_after`, where it reads `r⊙(h·W_h + b_h)`. Being a
-`jax.custom_vjp`, it supports reverse mode only; `rnnlab.unroll(..., fused=False)`
-is the way to forward mode.
+`jax.custom_vjp`, it supports reverse mode only (see `rnnlab.cells.lstm_scan`);
+`rnnlab.unroll(..., fused=False)` is the way to forward mode.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnlab.cells.base import Array, Params, State
+from rnnlab.cells.fused import like, reverse_mode_only
 
 
 def gru_fused_scan(reset_after: bool) -> Callable[..., tuple[Array, State]]:
@@ -36,7 +37,10 @@ def gru_fused_scan(reset_after: bool) -> Callable[..., tuple[Array, State]]:
         params: Params, xs: Array, h0: State, lengths: Optional[Array], unroll: int = 1
     ) -> tuple[Array, State]:
         valid = None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]  # [T, B]
-        return _gru_sequence(_Options(reset_after, unroll), params, xs, h0, valid)
+        keys = ("w_x", "w_h", "b") + (("b_h",) if reset_after else ())
+        arrays = {key: params[key] for key in keys}  # a plain dict, whatever the caller's container
+        with reverse_mode_only():
+            return _gru_sequence(_Options(reset_after, unroll), arrays, xs, h0, valid)
 
     return fused_scan
 
@@ -49,8 +53,9 @@ class _Options(NamedTuple):
 
 
 def _forward(options, params, xs, h0, valid):
-    """The loop: outputs `ys [T, B, H]`, the carried states `hs [T, B, H]` (`ys` without
-    lengths) and per step `r, u, ĉ` and the recurrent candidate term `[T, B, H]` each
+    """The loop over `xs: [T, B, I]` from `h0: [B, H]`, `valid: [T, B]` or `None`:
+    outputs `ys [T, B, H]`, the carried states `hs [T, B, H]` (`ys` without lengths)
+    and per step `r, u, ĉ` and the recurrent candidate term, `[T, B, H]` each
     (`h·W_h + b_h` with `reset_after`, else `r⊙h`)."""
     num_units = params["w_h"].shape[0]
     w_h = params["w_h"]
@@ -121,7 +126,7 @@ def _gru_sequence_bwd(options, residuals, cotangents):
             dzx = jnp.where(keep, dzx, 0.0)
             dzh = None if dzh is None else jnp.where(keep, dzh, 0.0)
             dh_prev = jnp.where(keep, dh_prev, dh)
-        return dh_prev, (dzx, dzh)
+        return dh_prev.astype(dh.dtype), (dzx, dzh)
 
     dh0, (dzxs, dzhs) = jax.lax.scan(
         step, d_h_final, (d_ys, h_prev, rs, us, candidates, recurrents, valid), reverse=True, unroll=options.unroll
@@ -136,7 +141,7 @@ def _gru_sequence_bwd(options, residuals, cotangents):
         d_params["w_h"] = jnp.concatenate(
             [rows(h_prev).T @ rows(d_gates), rows(recurrents).T @ rows(d_candidate)], axis=-1
         )
-    return d_params, dzxs @ params["w_x"].T, dh0, None
+    return like((d_params, dzxs @ params["w_x"].T, dh0), (params, xs, h0)) + (None,)
 
 
 _gru_sequence.defvjp(_gru_sequence_fwd, _gru_sequence_bwd)

@@ -139,9 +139,10 @@ def lstm(
     for any leading axes of `x`; `projected_step` does the one recurrent matmul `h·W_h`
     and everything after it (layer norm included).
 
-    The plain cell (none of the options above but `layer_norm`, with `jnp.tanh`) also has a
-    `fused_scan` (`rnnlab.cells.lstm_scan`): the whole loop with a hand-written backward
-    pass, which `rnnlab.unroll(method="scan")` uses unless told `fused=False`.
+    The cell with none of the options above except `layer_norm`, with `jnp.tanh` and a
+    Python number as `forget_bias`, also has a `fused_scan` (`rnnlab.cells.lstm_scan`):
+    the whole loop with a hand-written backward pass, which
+    `rnnlab.unroll(method="scan")` uses unless told `fused=False`.
     """
     num_units = check_positive_int(num_units, "num_units")
     if num_proj is not None:
@@ -236,7 +237,7 @@ def lstm(
     plain = not (peepholes or cifg or layer_norm_cell or cell_clip is not None or num_proj is not None)
     fused_scan = (
         lstm_fused_scan(forget_bias, LAYER_NORM_EPSILON if layer_norm else None)
-        if plain and activation is jnp.tanh
+        if plain and activation is jnp.tanh and isinstance(forget_bias, numbers.Real)
         else None
     )
     return hoistable_cell(

@@ -12,10 +12,12 @@ as cuDNN and oneDNN compute them. The gate activations are one elementwise pass 
 clipping, projection or `layer_norm_cell` (and with `tanh`); the gate layer norm of
 `layer_norm=True` is included, differentiated by hand as well. `rnnlab.unroll` uses
 it for `method="scan"` when the step is neither hoisted nor rematerialised
-(`fused=None`, the default on CPU). It gives the numbers of the step under
-`lax.scan` up to rounding (tested, values and gradients). Being a `jax.custom_vjp`,
-it supports reverse mode only; `jax.jvp` through it raises a `TypeError`, and
-`rnnlab.unroll(..., fused=False)` is the way to forward mode.
+(`fused=None`; on CPU steps are not hoisted by default). It gives the numbers of the step under
+`lax.scan` up to rounding (tested, values and gradients; in bfloat16 the `tanh` by
+way of `σ` rounds a little differently). Being a `jax.custom_vjp`, it supports reverse
+mode only (also nested, and `jax.hessian`, forward over reverse); `jax.jvp` or
+`jax.jacfwd` straight through it raise a `TypeError` that points to
+`rnnlab.unroll(..., fused=False)`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnlab.cells.base import Array, Params, State
+from rnnlab.cells.fused import like, reverse_mode_only
 
 
 def lstm_fused_scan(
@@ -47,7 +50,10 @@ def lstm_fused_scan(
     ) -> tuple[Array, State]:
         valid = None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]  # [T, B]
         options = _Options(forget_bias, layer_norm_epsilon, unroll)
-        ys, (c, h) = _lstm_sequence(options, params, xs, state.c, state.h, valid)
+        keys = ("w_x", "w_h") + (("ln_scale", "ln_shift") if layer_norm_epsilon is not None else ("b",))
+        arrays = {key: params[key] for key in keys}  # a plain dict, whatever the caller's container
+        with reverse_mode_only():
+            ys, (c, h) = _lstm_sequence(options, arrays, xs, state.c, state.h, valid)
         return ys, state._replace(c=c, h=h)
 
     return fused_scan
@@ -85,11 +91,13 @@ def _normalise_per_gate(v: Array, epsilon: float) -> tuple[Array, Array]:
 
 
 def _forward(options, params, xs, c0, h0, valid):
-    """The loop: outputs `ys [T, B, H]`, the carried states `cs, hs [T, B, H]` after
-    every step (`hs` is `ys` without lengths), the gate activations `acts [T, B, 4H]`
-    and, with layer norm, the normalised gates `[T, B, 4H]` and `1/σ [T, B, 4, 1]`."""
+    """The loop over `xs: [T, B, I]` from `c0, h0: [B, H]`, `valid: [T, B]` or `None`:
+    outputs `ys [T, B, H]`, the carried states `cs, hs [T, B, H]` after every step
+    (`hs` is `ys` without lengths), the gate activations `acts [T, B, 4H]` and, with
+    layer norm, the normalised gates `[T, B, 4H]` and `1/σ [T, B, 4, 1]`."""
     num_units = params["w_h"].shape[1] // 4
-    scale, shift, offset = _gate_constants(num_units, options.forget_bias, xs.dtype)
+    dtype = jnp.result_type(xs, params["w_x"], params["w_h"])
+    scale, shift, offset = _gate_constants(num_units, options.forget_bias, dtype)
     layer_norm = options.layer_norm_epsilon is not None
 
     def step(carry, inputs):
@@ -139,7 +147,7 @@ def _lstm_sequence_bwd(options, residuals, cotangents):
     layer_norm = options.layer_norm_epsilon is not None
 
     def step(carry, inputs):
-        dc, dh, d_norm = carry
+        dc, dh, (d_gain, d_shift) = carry
         d_y, c, c_before, a, norms_t, valid_t = inputs
         i, j, f, o = jnp.split(a, 4, axis=-1)
         dh_total = dh + (d_y if valid_t is None else jnp.where(valid_t[:, None], d_y, 0.0))
@@ -157,14 +165,15 @@ def _lstm_sequence_bwd(options, residuals, cotangents):
             dh = 0.0
         if layer_norm:  # back through `normed·gain + shift`, then the normalisation
             normed, inverse_std = norms_t
-            d_norm = (d_norm[0] + jnp.sum(dg * normed, axis=0), d_norm[1] + jnp.sum(dg, axis=0))
+            d_gain, d_shift = d_gain + jnp.sum(dg * normed, axis=0), d_shift + jnp.sum(dg, axis=0)
             g = _per_gate(dg * params["ln_scale"])
             n = _per_gate(normed)
             dv = inverse_std * (g - jnp.mean(g, axis=-1, keepdims=True) - n * jnp.mean(g * n, axis=-1, keepdims=True))
             dg = dv.reshape(dg.shape)
-        return (dc_prev, dg @ w_h_t + dh, d_norm), dg
+        new_carry = (dc_prev, dg @ w_h_t + dh, (d_gain, d_shift))
+        return jax.tree.map(lambda new, old: new.astype(old.dtype), new_carry, carry), dg
 
-    zeros = jnp.zeros((4 * num_units,), xs.dtype)
+    zeros = jnp.zeros((4 * num_units,), acts.dtype)
     (dc0, dh0, (d_gain, d_shift)), dvs = jax.lax.scan(
         step,
         (d_c_final, d_h_final, (zeros, zeros)),
@@ -179,7 +188,7 @@ def _lstm_sequence_bwd(options, residuals, cotangents):
         d_params.update(ln_scale=d_gain, ln_shift=d_shift)
     else:
         d_params["b"] = jnp.sum(dvs, axis=(0, 1))
-    return d_params, dvs @ params["w_x"].T, dc0, dh0, None
+    return like((d_params, dvs @ params["w_x"].T, dc0, dh0), (params, xs, c0, h0)) + (None,)
 
 
 _lstm_sequence.defvjp(_lstm_sequence_fwd, _lstm_sequence_bwd)
