@@ -77,7 +77,8 @@ def unroll(
         (docs/benchmarks.md), and `1` on GPU/TPU and for `log_space` cells (the
         log-space form runs only with `1`).
       fused: for `"scan"`, run a cell that has a `fused_scan` (`lstm` without
-        peepholes, CIFG, clipping, projection or `layer_norm_cell`; `gru`) by it:
+        peepholes, CIFG, clipping, projection or `layer_norm_cell`; `gru`;
+        `basic_rnn`) by it:
         the same loop with a hand-written backward pass that computes the weight
         gradients after the loop, in one matmul each. `None` (default): whenever the
         step is neither hoisted nor rematerialised (a train step on 2 CPU cores
@@ -152,7 +153,8 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
     if fused and cell.fused_scan is None:
         raise ValueError(
             f"fused=True: {cell.name} has no fused scan (lstm without peepholes, CIFG, clipping, "
-            "projection or layer_norm_cell, and gru, each with tanh, have one)."
+            "projection or layer_norm_cell, and gru, each with tanh, and basic_rnn with tanh or "
+            "relu have one)."
         )
     if hoist is None:  # an explicit fused=True keeps the step un-hoisted on every backend
         hoist = cell.linear_recurrence is not None or (jax.default_backend() != "cpu" and not fused)

@@ -1,5 +1,5 @@
-"""The fused scans of the LSTM (`rnnlab.cells.lstm_scan`, plain and layer-normalised)
-and the GRU (`rnnlab.cells.gru_scan`, both forms): the same values and gradients as
+"""The fused scans of the LSTM (`rnnlab.cells.lstm_scan`, plain and layer-normalised),
+the GRU (`rnnlab.cells.gru_scan`, both forms) and the basic RNN (`rnn_scan`): the same values and gradients as
 autodiff of the step under `lax.scan`, numerical gradients, and when they run.
 (`tests/test_unroll.py` also checks them against the per-example loop.)"""
 
@@ -52,6 +52,8 @@ FUSED_CELLS = {
     "ln_lstm": lambda: lstm(H, forget_bias=0.7, layer_norm=True),
     "gru": lambda: gru(H),
     "gru_reset_after": lambda: gru(H, reset_after=True),
+    "basic_rnn": lambda: basic_rnn(H),
+    "basic_rnn_relu": lambda: basic_rnn(H, activation=jax.nn.relu),
 }
 
 
@@ -107,8 +109,9 @@ def test_one_loop_bidirectional_and_stack_match_autodiff():
         lambda: lstm(3, layer_norm=True),
         lambda: gru(3),
         lambda: gru(3, reset_after=True),
+        lambda: basic_rnn(3),
     ],
-    ids=["lstm", "ln_lstm", "gru", "gru_reset_after"],
+    ids=["lstm", "ln_lstm", "gru", "gru_reset_after", "basic_rnn"],
 )
 def test_numerical_gradients_in_float64(make_cell):
     with jax.enable_x64(True):
@@ -122,7 +125,7 @@ def test_numerical_gradients_in_float64(make_cell):
         check_grads(loss, (params, xs, state), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["lstm", "gru"])
+@pytest.mark.parametrize("name", ["lstm", "gru", "basic_rnn"])
 def test_forward_mode_needs_fused_false_and_matches_the_fused_reverse_mode(name):
     cell = FUSED_CELLS[name]()
     params, xs, state = _setup(cell)
@@ -149,7 +152,7 @@ def test_which_cells_have_a_fused_scan():
         lstm(4, num_proj=2),
         lstm(4, activation=jax.nn.relu),
         gru(4, activation=jax.nn.relu),
-        basic_rnn(4),
+        basic_rnn(4, activation=jax.nn.sigmoid),
         rnnlab.dropout(lstm(4), output_keep=0.5),
     ]
     for cell in without:

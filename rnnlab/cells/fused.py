@@ -1,11 +1,21 @@
-"""What the fused scans of the LSTM and the GRU (`lstm_scan`, `gru_scan`) share."""
+"""What the fused scans of the cells (`lstm_scan`, `gru_scan`, `rnn_scan`) share."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import functools
+from typing import Any, Callable, Iterator, Optional
 
 import jax
+import jax.numpy as jnp
+
+from rnnlab.cells.base import Array
+
+
+def valid_steps(xs: Array, lengths: Optional[Array]) -> Optional[Array]:
+    """`valid[t, b] = t < lengths[b]`, `[T, B]`, for time-major `xs: [T, B, ...]`; `None`
+    without lengths (every step valid)."""
+    return None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]
 
 
 def like(values: Any, references: Any) -> Any:
@@ -25,6 +35,29 @@ def reverse_mode_only() -> Iterator[None]:
         if "forward-mode" not in str(error):
             raise
         raise TypeError(
-            "rnnlab's fused scans (lstm, gru) are differentiated in reverse mode only; for "
+            "rnnlab's fused scans (lstm, gru, basic_rnn) are differentiated in reverse mode only; for "
             "jax.jvp or jax.jacfwd through rnnlab.unroll pass fused=False."
         ) from error
+
+
+def sequence_with_vjp(forward: Callable, backward: Callable) -> Callable:
+    """`(options, *arrays) -> (ys, final_state)` with a hand-written backward pass.
+
+    Args:
+      forward: `(options, *arrays) -> (ys, final_state, saved)`, the loop; `options` is
+        static (hashable), `saved` what the backward pass needs.
+      backward: `(options, (arrays, saved), (d_ys, d_final_state)) -> cotangents of
+        arrays` (`None` for the boolean `valid` mask).
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def sequence(options, *arrays):
+        ys, final, _ = forward(options, *arrays)
+        return ys, final
+
+    def sequence_forward(options, *arrays):
+        ys, final, saved = forward(options, *arrays)
+        return (ys, final), (arrays, saved)
+
+    sequence.defvjp(sequence_forward, backward)
+    return sequence

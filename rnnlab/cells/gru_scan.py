@@ -13,14 +13,13 @@ reads `(r⊙h)·W_h`, and `reset_after`, where it reads `r⊙(h·W_h + b_h)`. Be
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from rnnlab.cells.base import Array, Params, State
-from rnnlab.cells.fused import like, reverse_mode_only
+from rnnlab.cells.fused import like, reverse_mode_only, sequence_with_vjp, valid_steps
 
 
 def gru_fused_scan(reset_after: bool) -> Callable[..., tuple[Array, State]]:
@@ -36,11 +35,10 @@ def gru_fused_scan(reset_after: bool) -> Callable[..., tuple[Array, State]]:
     def fused_scan(
         params: Params, xs: Array, h0: State, lengths: Optional[Array], unroll: int = 1
     ) -> tuple[Array, State]:
-        valid = None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]  # [T, B]
         keys = ("w_x", "w_h", "b") + (("b_h",) if reset_after else ())
         arrays = {key: params[key] for key in keys}  # a plain dict, whatever the caller's container
         with reverse_mode_only():
-            return _gru_sequence(_Options(reset_after, unroll), arrays, xs, h0, valid)
+            return _gru_sequence(_Options(reset_after, unroll), arrays, xs, h0, valid_steps(xs, lengths))
 
     return fused_scan
 
@@ -84,22 +82,11 @@ def _forward(options, params, xs, h0, valid):
     return ys, h, (ys if hs is None else hs, saved)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gru_sequence(options, params, xs, h0, valid):
-    ys, final, _ = _forward(options, params, xs, h0, valid)
-    return ys, final
-
-
-def _gru_sequence_fwd(options, params, xs, h0, valid):
-    ys, final, saved = _forward(options, params, xs, h0, valid)
-    return (ys, final), (params, xs, h0, valid, saved)
-
-
-def _gru_sequence_bwd(options, residuals, cotangents):
+def _backward(options, residuals, cotangents):
     """The reverse loop carries `dh` and writes `dzx_t`, the gradient of `x_t·W_x + b`
     (`[T, B, 3H]`), and with `reset_after` `dzh_t`, that of `h_{t-1}·W_h + b_h` (in
     TF1's form the recurrent matmuls' outputs have the gradient `dzx_t`)."""
-    params, xs, h0, valid, (hs, (rs, us, candidates, recurrents)) = residuals
+    (params, xs, h0, valid), (hs, (rs, us, candidates, recurrents)) = residuals
     d_ys, d_h_final = cotangents
     num_units = params["w_h"].shape[0]
     w_h = params["w_h"]
@@ -144,4 +131,4 @@ def _gru_sequence_bwd(options, residuals, cotangents):
     return like((d_params, dzxs @ params["w_x"].T, dh0), (params, xs, h0)) + (None,)
 
 
-_gru_sequence.defvjp(_gru_sequence_fwd, _gru_sequence_bwd)
+_gru_sequence = sequence_with_vjp(_forward, _backward)

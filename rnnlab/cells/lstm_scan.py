@@ -22,14 +22,13 @@ mode only (also nested, and `jax.hessian`, forward over reverse); `jax.jvp` or
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from rnnlab.cells.base import Array, Params, State
-from rnnlab.cells.fused import like, reverse_mode_only
+from rnnlab.cells.fused import like, reverse_mode_only, sequence_with_vjp, valid_steps
 
 
 def lstm_fused_scan(
@@ -48,12 +47,11 @@ def lstm_fused_scan(
     def fused_scan(
         params: Params, xs: Array, state: State, lengths: Optional[Array], unroll: int = 1
     ) -> tuple[Array, State]:
-        valid = None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]  # [T, B]
         options = _Options(forget_bias, layer_norm_epsilon, unroll)
         keys = ("w_x", "w_h") + (("ln_scale", "ln_shift") if layer_norm_epsilon is not None else ("b",))
         arrays = {key: params[key] for key in keys}  # a plain dict, whatever the caller's container
         with reverse_mode_only():
-            ys, (c, h) = _lstm_sequence(options, arrays, xs, state.c, state.h, valid)
+            ys, (c, h) = _lstm_sequence(options, arrays, xs, state.c, state.h, valid_steps(xs, lengths))
         return ys, state._replace(c=c, h=h)
 
     return fused_scan
@@ -123,22 +121,11 @@ def _forward(options, params, xs, c0, h0, valid):
     return ys, (c, h), (cs, ys if hs is None else hs, acts, norms)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lstm_sequence(options, params, xs, c0, h0, valid):
-    ys, final, _ = _forward(options, params, xs, c0, h0, valid)
-    return ys, final
-
-
-def _lstm_sequence_fwd(options, params, xs, c0, h0, valid):
-    ys, final, saved = _forward(options, params, xs, c0, h0, valid)
-    return (ys, final), (params, xs, c0, h0, valid, saved)
-
-
-def _lstm_sequence_bwd(options, residuals, cotangents):
+def _backward(options, residuals, cotangents):
     """The reverse loop carries `(dc, dh)` (and, with layer norm, the sums of the norm's
     gain and shift gradients) and writes `dv_t`, the gradient of `x_t·W_x + h_{t-1}·W_h`;
     the gradients of `W_x`, `W_h`, `b` and `xs` follow from all `dv` at once."""
-    params, xs, c0, h0, valid, (cs, hs, acts, norms) = residuals
+    (params, xs, c0, h0, valid), (cs, hs, acts, norms) = residuals
     d_ys, (d_c_final, d_h_final) = cotangents
     num_units = params["w_h"].shape[1] // 4
     is_j = (jnp.arange(4 * num_units) // num_units) == 1
@@ -191,4 +178,4 @@ def _lstm_sequence_bwd(options, residuals, cotangents):
     return like((d_params, dvs @ params["w_x"].T, dc0, dh0), (params, xs, c0, h0)) + (None,)
 
 
-_lstm_sequence.defvjp(_lstm_sequence_fwd, _lstm_sequence_bwd)
+_lstm_sequence = sequence_with_vjp(_forward, _backward)

@@ -19,6 +19,7 @@ from rnnlab.cells.base import (
     orthogonal,
     zero_state,
 )
+from rnnlab.cells.rnn_scan import rnn_fused_scan
 
 
 def basic_rnn(num_units: int, activation: Callable[[Array], Array] = jnp.tanh) -> RNNCell:
@@ -27,6 +28,10 @@ def basic_rnn(num_units: int, activation: Callable[[Array], Array] = jnp.tanh) -
     Params (input size `I`, `H = num_units`):
       `w_x: [I, H]` (Glorot uniform), `w_h: [H, H]` (orthogonal), `b: [H]` (zeros).
     State: `h: [H]` (zeros initially). Output: `h'`.
+
+    With `jnp.tanh` or `jax.nn.relu` the cell also has a `fused_scan`
+    (`rnnlab.cells.rnn_scan`), which `rnnlab.unroll(method="scan")` uses unless told
+    `fused=False`.
     """
     num_units = check_positive_int(num_units, "num_units")
     name = f"basic_rnn({num_units})"
@@ -44,6 +49,7 @@ def basic_rnn(num_units: int, activation: Callable[[Array], Array] = jnp.tanh) -
         h = activation(z + h @ params["w_h"])
         return h, h
 
+    initial_state, fused_scan = zero_state(num_units, "w_h"), rnn_fused_scan(activation)
     return hoistable_cell(
-        name, num_units, init, zero_state(num_units, "w_h"), affine_input_projection, projected_step
+        name, num_units, init, initial_state, affine_input_projection, projected_step, fused_scan=fused_scan
     )
