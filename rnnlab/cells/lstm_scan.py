@@ -12,11 +12,11 @@ as cuDNN and oneDNN compute them. The gate activations are one elementwise pass 
 clipping, projection or `layer_norm_cell` (and with `tanh`); the gate layer norm of
 `layer_norm=True` is included, differentiated by hand as well. `rnnlab.unroll` uses
 it for `method="scan"` when the step is neither hoisted nor rematerialised
-(`fused=None`; on CPU steps are not hoisted by default). It gives the numbers of the step under
-`lax.scan` up to rounding (tested, values and gradients; in bfloat16 the `tanh` by
-way of `σ` rounds a little differently). Being a `jax.custom_vjp`, it supports reverse
-mode only (also nested, and `jax.hessian`, forward over reverse); `jax.jvp` or
-`jax.jacfwd` straight through it raise a `TypeError` that points to
+(`fused=None`; on CPU steps are not hoisted by default). It gives the numbers of the
+step under `lax.scan` up to rounding (tested, values and gradients; in bfloat16 the
+`tanh` by way of `σ` rounds a little differently). Being a `jax.custom_vjp`, it
+supports reverse mode only (also nested, and `jax.hessian`, forward over reverse);
+`jax.jvp` or `jax.jacfwd` straight through it raise a `TypeError` that points to
 `rnnlab.unroll(..., fused=False)`.
 """
 
