@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnlab.cells.base import Array, LinearRecurrence, Params, RNNCell, State
+from rnnlab.cells.fused import valid_steps
 
 
 def linear_unroll(
@@ -148,7 +149,7 @@ def _unroll_linear(
         solver = solver._replace(
             block_size=default_block_size(num_steps, recurrence.log_coefficients is not None)
         )
-    valid = None if lengths is None else jnp.arange(num_steps)[:, None] < lengths[None, :]  # [T, B]
+    valid = valid_steps(xs, lengths)  # [T, B] or None
     if num_steps == 0:  # no states: empty outputs, and the final state is the initial one
         hs = jax.tree.map(lambda h: h[None][:0], h0)
     elif recurrence.log_coefficients is None or not solver.parallel or solver.block_size > 1:

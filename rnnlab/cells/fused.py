@@ -1,4 +1,5 @@
-"""What the fused scans of the cells (`lstm_scan`, `gru_scan`, `rnn_scan`) share."""
+"""What the fused scans of the cells (`lstm_scan`, `gru_scan`, `rnn_scan`) share; the
+lengths mask also serves `rnnlab.linear_unroll`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,18 @@ def valid_steps(xs: Array, lengths: Optional[Array]) -> Optional[Array]:
     """`valid[t, b] = t < lengths[b]`, `[T, B]`, for time-major `xs: [T, B, ...]`; `None`
     without lengths (every step valid)."""
     return None if lengths is None else jnp.arange(xs.shape[0])[:, None] < lengths[None, :]
+
+
+def states_before(initial: Array, after: Array) -> Array:
+    """The state entering every step: `initial [B, H]` then `after [T, B, H]` (the state
+    after each step) shifted by one, `[T, B, H]`."""
+    return jnp.concatenate([initial[None], after[:-1]])
+
+
+def summed_over_steps(inputs: Array, grads: Array) -> Array:
+    """`Σ_{t,b} inputs[t, b]ᵀ·grads[t, b]`, `[n, m]` from `[T, B, n]` and `[T, B, m]`: a
+    weight's gradient from every step at once, one matmul over the `T·B` rows."""
+    return inputs.reshape(-1, inputs.shape[-1]).T @ grads.reshape(-1, grads.shape[-1])
 
 
 def like(values: Any, references: Any) -> Any:

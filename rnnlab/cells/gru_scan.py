@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnlab.cells.base import Array, Params, State
-from rnnlab.cells.fused import like, reverse_mode_only, sequence_with_vjp, valid_steps
+from rnnlab.cells import fused
 
 
 def gru_fused_scan(reset_after: bool) -> Callable[..., tuple[Array, State]]:
@@ -37,8 +37,8 @@ def gru_fused_scan(reset_after: bool) -> Callable[..., tuple[Array, State]]:
     ) -> tuple[Array, State]:
         keys = ("w_x", "w_h", "b") + (("b_h",) if reset_after else ())
         arrays = {key: params[key] for key in keys}  # a plain dict, whatever the caller's container
-        with reverse_mode_only():
-            return _gru_sequence(_Options(reset_after, unroll), arrays, xs, h0, valid_steps(xs, lengths))
+        with fused.reverse_mode_only():
+            return _gru_sequence(_Options(reset_after, unroll), arrays, xs, h0, fused.valid_steps(xs, lengths))
 
     return fused_scan
 
@@ -90,7 +90,7 @@ def _backward(options, residuals, cotangents):
     d_ys, d_h_final = cotangents
     num_units = params["w_h"].shape[0]
     w_h = params["w_h"]
-    h_prev = jnp.concatenate([h0[None], hs[:-1]])
+    h_prev = fused.states_before(h0, hs)
 
     def step(dh, inputs):
         d_y, h_before, r, u, candidate, recurrent, valid_t = inputs
@@ -118,17 +118,17 @@ def _backward(options, residuals, cotangents):
     dh0, (dzxs, dzhs) = jax.lax.scan(
         step, d_h_final, (d_ys, h_prev, rs, us, candidates, recurrents, valid), reverse=True, unroll=options.unroll
     )
-    rows = lambda a: a.reshape(-1, a.shape[-1])  # [T, B, n] -> [T·B, n]
-    d_params = {"w_x": rows(xs).T @ rows(dzxs), "b": jnp.sum(dzxs, axis=(0, 1))}
+    d_params = {"w_x": fused.summed_over_steps(xs, dzxs), "b": jnp.sum(dzxs, axis=(0, 1))}
     if options.reset_after:
-        d_params["w_h"] = rows(h_prev).T @ rows(dzhs)
+        d_params["w_h"] = fused.summed_over_steps(h_prev, dzhs)
         d_params["b_h"] = jnp.sum(dzhs, axis=(0, 1))
     else:  # the gate columns read h, the candidate columns r⊙h
         d_gates, d_candidate = dzxs[..., : 2 * num_units], dzxs[..., 2 * num_units :]
         d_params["w_h"] = jnp.concatenate(
-            [rows(h_prev).T @ rows(d_gates), rows(recurrents).T @ rows(d_candidate)], axis=-1
+            [fused.summed_over_steps(h_prev, d_gates), fused.summed_over_steps(recurrents, d_candidate)],
+            axis=-1,
         )
-    return like((d_params, dzxs @ params["w_x"].T, dh0), (params, xs, h0)) + (None,)
+    return fused.like((d_params, dzxs @ params["w_x"].T, dh0), (params, xs, h0)) + (None,)
 
 
-_gru_sequence = sequence_with_vjp(_forward, _backward)
+_gru_sequence = fused.sequence_with_vjp(_forward, _backward)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnlab.cells.base import Array, Params, State
-from rnnlab.cells.fused import like, reverse_mode_only, sequence_with_vjp, valid_steps
+from rnnlab.cells import fused
 
 
 def lstm_fused_scan(
@@ -50,8 +50,8 @@ def lstm_fused_scan(
         options = _Options(forget_bias, layer_norm_epsilon, unroll)
         keys = ("w_x", "w_h") + (("ln_scale", "ln_shift") if layer_norm_epsilon is not None else ("b",))
         arrays = {key: params[key] for key in keys}  # a plain dict, whatever the caller's container
-        with reverse_mode_only():
-            ys, (c, h) = _lstm_sequence(options, arrays, xs, state.c, state.h, valid_steps(xs, lengths))
+        with fused.reverse_mode_only():
+            ys, (c, h) = _lstm_sequence(options, arrays, xs, state.c, state.h, fused.valid_steps(xs, lengths))
         return ys, state._replace(c=c, h=h)
 
     return fused_scan
@@ -129,7 +129,7 @@ def _backward(options, residuals, cotangents):
     d_ys, (d_c_final, d_h_final) = cotangents
     num_units = params["w_h"].shape[1] // 4
     is_j = (jnp.arange(4 * num_units) // num_units) == 1
-    c_prev = jnp.concatenate([c0[None], cs[:-1]])
+    c_prev = fused.states_before(c0, cs)
     w_h_t = params["w_h"].T
     layer_norm = options.layer_norm_epsilon is not None
 
@@ -168,14 +168,15 @@ def _backward(options, residuals, cotangents):
         reverse=True,
         unroll=options.unroll,
     )
-    h_prev = jnp.concatenate([h0[None], hs[:-1]])
-    rows = lambda a: a.reshape(-1, a.shape[-1])  # [T, B, n] -> [T·B, n]
-    d_params = {"w_x": rows(xs).T @ rows(dvs), "w_h": rows(h_prev).T @ rows(dvs)}
+    d_params = {
+        "w_x": fused.summed_over_steps(xs, dvs),
+        "w_h": fused.summed_over_steps(fused.states_before(h0, hs), dvs),
+    }
     if layer_norm:
         d_params.update(ln_scale=d_gain, ln_shift=d_shift)
     else:
         d_params["b"] = jnp.sum(dvs, axis=(0, 1))
-    return like((d_params, dvs @ params["w_x"].T, dc0, dh0), (params, xs, c0, h0)) + (None,)
+    return fused.like((d_params, dvs @ params["w_x"].T, dc0, dh0), (params, xs, c0, h0)) + (None,)
 
 
-_lstm_sequence = sequence_with_vjp(_forward, _backward)
+_lstm_sequence = fused.sequence_with_vjp(_forward, _backward)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from rnnlab.cells.base import Array, Params, State
-from rnnlab.cells.fused import like, reverse_mode_only, sequence_with_vjp, valid_steps
+from rnnlab.cells import fused
 
 _DERIVATIVES: dict[Callable[[Array], Array], Callable[[Array], Array]] = {
     jnp.tanh: lambda h: 1 - h * h,
@@ -39,8 +39,8 @@ def rnn_fused_scan(activation: Callable[[Array], Array]) -> Optional[Callable[..
         params: Params, xs: Array, h0: State, lengths: Optional[Array], unroll: int = 1
     ) -> tuple[Array, State]:
         arrays = {key: params[key] for key in ("w_x", "w_h", "b")}  # a plain dict
-        with reverse_mode_only():
-            return _rnn_sequence(_Options(activation, unroll), arrays, xs, h0, valid_steps(xs, lengths))
+        with fused.reverse_mode_only():
+            return _rnn_sequence(_Options(activation, unroll), arrays, xs, h0, fused.valid_steps(xs, lengths))
 
     return fused_scan
 
@@ -86,10 +86,12 @@ def _backward(options, residuals, cotangents):
         return jnp.where(keep, dz @ w_h_t, dh).astype(dh.dtype), dz
 
     dh0, dzs = jax.lax.scan(step, d_h_final, (d_ys, hs, valid), reverse=True, unroll=options.unroll)
-    h_prev = jnp.concatenate([h0[None], hs[:-1]])
-    rows = lambda a: a.reshape(-1, a.shape[-1])  # [T, B, n] -> [T·B, n]
-    d_params = {"w_x": rows(xs).T @ rows(dzs), "w_h": rows(h_prev).T @ rows(dzs), "b": jnp.sum(dzs, axis=(0, 1))}
-    return like((d_params, dzs @ params["w_x"].T, dh0), (params, xs, h0)) + (None,)
+    d_params = {
+        "w_x": fused.summed_over_steps(xs, dzs),
+        "w_h": fused.summed_over_steps(fused.states_before(h0, hs), dzs),
+        "b": jnp.sum(dzs, axis=(0, 1)),
+    }
+    return fused.like((d_params, dzs @ params["w_x"].T, dh0), (params, xs, h0)) + (None,)
 
 
-_rnn_sequence = sequence_with_vjp(_forward, _backward)
+_rnn_sequence = fused.sequence_with_vjp(_forward, _backward)
