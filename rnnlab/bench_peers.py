@@ -5,7 +5,8 @@ batch-major inputs, a linear head on the last output, softmax cross-entropy, Ada
 from the SAME weights as rnnlab's `lstm` (transplanted into the peer's layout), so its
 outputs can be checked against rnnlab's before it is timed. JAX peers are jitted as a
 whole (train step: forward + backward + Adam, params and optimiser state donated);
-PyTorch runs eagerly with `torch.set_num_threads(os.cpu_count())` unless told otherwise.
+PyTorch runs eagerly with `torch.set_num_threads(os.cpu_count())` unless told otherwise,
+on the GPU (cuDNN's LSTM) when JAX's default backend is a GPU and PyTorch sees one.
 
 A peer whose framework is not installed raises `ImportError` from `build_peer`; the
 benchmark reports it as skipped.
@@ -161,10 +162,11 @@ def _haiku(mode: str, weights: LSTMWeights, x: np.ndarray, labels: np.ndarray) -
 
 def _torch(threads: int, mode: str, weights: LSTMWeights, x: np.ndarray, labels: np.ndarray) -> Program:
     """PyTorch `nn.LSTM` (gates `i, f, g, o`, biases `b_ih + b_hh`), eager, on `threads`
-    intra-op threads."""
+    intra-op threads, or on the GPU (cuDNN) when JAX runs on one."""
     import torch
 
     torch.set_num_threads(threads)
+    device = torch.device("cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu")
     num_units, num_classes = weights.w_h.shape[0], weights.head_w.shape[1]
 
     class Classifier(torch.nn.Module):
@@ -186,13 +188,14 @@ def _torch(threads: int, mode: str, weights: LSTMWeights, x: np.ndarray, labels:
         model.lstm.bias_hh_l0.zero_()
         model.head.weight.copy_(torch.tensor(weights.head_w.T))
         model.head.bias.copy_(torch.tensor(weights.head_b))
-    inputs, targets = torch.tensor(x), torch.tensor(labels.astype(np.int64))
+    model.to(device)
+    inputs, targets = torch.tensor(x, device=device), torch.tensor(labels.astype(np.int64), device=device)
 
     if mode == "forward":
 
         def call():
             with torch.no_grad():
-                return {"outputs": model(inputs)[0].numpy()}
+                return {"outputs": model(inputs)[0]}
 
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
@@ -202,14 +205,16 @@ def _torch(threads: int, mode: str, weights: LSTMWeights, x: np.ndarray, labels:
             loss = torch.nn.functional.cross_entropy(model(inputs)[1], targets)
             loss.backward()
             optimizer.step()
-            return {"loss": loss.detach().numpy()}
+            return {"loss": loss.detach()}
 
     start = time.perf_counter()
-    outputs = call()
+    outputs = {key: value.cpu().numpy() for key, value in call().items()}
     first_call_s = time.perf_counter() - start
 
     def run() -> None:
         call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     return Program(run, outputs, None, first_call_s)
 

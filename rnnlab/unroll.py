@@ -80,11 +80,11 @@ def unroll(
         peepholes, CIFG, clipping, projection or `layer_norm_cell`; `gru`;
         `basic_rnn`) by it:
         the same loop with a hand-written backward pass that computes the weight
-        gradients after the loop, in one matmul each. `None` (default): whenever the
-        step is neither hoisted nor rematerialised (a train step on 2 CPU cores
-        measured 1.03-1.48x faster at seven shapes, 0.9x at B=128, T=28, H=128;
-        docs/benchmarks.md); `True`: require it (and do not hoist, on any backend);
-        `False`: autodiff of the step. The fused scan is differentiated in reverse
+        gradients after the loop, in one matmul each (and, with `hoist`, the input
+        projection before it). `None` (default): whenever the step is not
+        rematerialised (a train step on 2 CPU cores measured 1.03-1.48x faster at
+        seven shapes, 0.9x at B=128, T=28, H=128; docs/benchmarks.md); `True`: require
+        it; `False`: autodiff of the step. The fused scan is differentiated in reverse
         mode only (`jax.grad`, `jax.vjp`, nested, and `jax.hessian`); for `jax.jvp` or
         `jax.jacfwd` straight through the unroll pass `fused=False`.
 
@@ -96,10 +96,9 @@ def unroll(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
         raise ValueError(f"unroll must be a positive integer, got {unroll!r}.")
-    if fused and (method != "scan" or remat or hoist):
+    if fused and (method != "scan" or remat):
         raise ValueError(
-            f"fused=True runs method='scan' without remat or hoist, got method={method!r}, "
-            f"remat={remat!r}, hoist={hoist!r}."
+            f"fused=True runs method='scan' without remat, got method={method!r}, remat={remat!r}."
         )
     if block_size is not None:
         if method != "associative":
@@ -156,13 +155,13 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
             "projection or layer_norm_cell, and gru, each with tanh, and basic_rnn with tanh or "
             "relu have one)."
         )
-    if hoist is None:  # an explicit fused=True keeps the step un-hoisted on every backend
-        hoist = cell.linear_recurrence is not None or (jax.default_backend() != "cpu" and not fused)
+    if hoist is None:
+        hoist = cell.linear_recurrence is not None or jax.default_backend() != "cpu"
     if hoist and method == "scan" and cell.linear_recurrence is not None:
         return linear_unroll(cell, params, xs, state, lengths, parallel=False, unroll=unroll)
-    use_fused = fused is not False and cell.fused_scan is not None and method == "scan"
-    if use_fused and not (hoist or remat) and xs.shape[0] > 0:
-        return cell.fused_scan(params, xs, state, lengths, unroll)
+    use_fused = fused is not False and cell.fused_scan is not None and method == "scan" and not remat
+    if use_fused and xs.shape[0] > 0:
+        return cell.fused_scan(params, xs, state, lengths, unroll, hoist and cell.can_hoist)
     if hoist and cell.can_hoist:
         zs = cell.input_projection(params, xs)
         step_fn = cell.projected_step

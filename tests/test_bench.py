@@ -142,10 +142,12 @@ def test_parsing_and_validation():
     assert MethodSpec.parse("scan:unroll=4,hoist=0").kwargs == {"unroll": 4, "hoist": False}
     assert str(MethodSpec.parse("scan:unroll=4,hoist=0")) == "scan:unroll=4,hoist=0"
     assert MethodSpec.parse("associative:block_size=16").kwargs == {"block_size": 16}
+    specs = BenchConfig(methods="scan,scan:fused=1,hoist=1,scan:unroll=2").method_specs
+    assert [str(m) for m in specs] == ["scan", "scan:fused=1,hoist=1", "scan:unroll=2"]
     assert Shape.parse("64x100x64x256") == Shape(64, 100, 64, 256)
     assert Workload.parse("gru+lengths") == Workload("gru", ("lengths",))
     assert [s.seq_len for s in BenchConfig(seq_lengths="28,100").shape_list] == [28, 100]
-    for bad in (dict(methods="scan:foo=1"), dict(modes="backward"), dict(peers="tf"), dict(cell="lstm+nope"),
+    for bad in (dict(methods="scan:foo=1"), dict(methods="hoist=1,scan"), dict(modes="backward"), dict(peers="tf"), dict(cell="lstm+nope"),
                 dict(shapes="1x2x3"), dict(rounds=0)):
         with pytest.raises(ValueError):
             BenchConfig(**bad)

@@ -60,8 +60,14 @@ FUSED_CELLS = {
 @pytest.mark.parametrize("name", FUSED_CELLS)
 @pytest.mark.parametrize(
     "options",
-    [dict(), dict(lengths=LENGTHS), dict(lengths=LENGTHS, reverse=True, unroll=2), dict(time_major=True)],
-    ids=["full", "lengths", "lengths_reverse_unroll2", "time_major"],
+    [
+        dict(),
+        dict(lengths=LENGTHS),
+        dict(lengths=LENGTHS, reverse=True, unroll=2),
+        dict(time_major=True),
+        dict(lengths=LENGTHS, hoist=True),
+    ],
+    ids=["full", "lengths", "lengths_reverse_unroll2", "time_major", "lengths_hoisted"],
 )
 def test_values_and_gradients_match_autodiff_of_the_step(options, name):
     cell = FUSED_CELLS[name]()
@@ -163,9 +169,8 @@ def test_which_cells_have_a_fused_scan():
     "cell, options, message",
     [
         (lstm(H, peepholes=True), dict(), "has no fused scan"),
-        (lstm(H), dict(hoist=True), "without remat or hoist"),
-        (lstm(H), dict(remat=True), "without remat or hoist"),
-        (lstm(H), dict(method="static"), "without remat or hoist"),
+        (lstm(H), dict(remat=True), "without remat"),
+        (lstm(H), dict(method="static"), "without remat"),
     ],
 )
 def test_fused_true_where_it_cannot_run_raises(cell, options, message):
@@ -210,13 +215,15 @@ def test_frozen_params_and_a_traced_forget_bias():
     np.testing.assert_allclose(swept, rnnlab.unroll(lstm(H, forget_bias=0.3), params, xs)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_fused_true_keeps_the_step_unhoisted_on_accelerators(monkeypatch):
+@pytest.mark.parametrize("backend, hoisted", [("cpu", False), ("gpu", True), ("tpu", True)])
+def test_the_default_runs_the_fused_scan_hoisted_on_accelerators_only(monkeypatch, backend, hoisted):
     calls = []
     cell = lstm(H)
-    spy = cell._replace(fused_scan=lambda *args: calls.append(1) or cell.fused_scan(*args))
+    spy = cell._replace(fused_scan=lambda *args: calls.append(args[-1]) or cell.fused_scan(*args))
     params, xs, _ = _setup(cell)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    rnnlab.unroll(spy, params, xs)  # fused=None: hoisted on a GPU, no fused scan
-    assert not calls
-    rnnlab.unroll(spy, params, xs, fused=True)
-    assert calls
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    rnnlab.unroll(spy, params, xs)
+    rnnlab.unroll(spy, params, xs, hoist=not hoisted)
+    rnnlab.unroll(spy, params, xs, remat=True)  # rematerialised: autodiff of the step
+    rnnlab.unroll(spy, params, xs, fused=False)
+    assert calls == [hoisted, not hoisted]

@@ -113,7 +113,8 @@ class BenchConfig:
       cell: the workload swept over every method, e.g. `"lstm"`, `"gru"`, `"ln_lstm"`,
         `"basic_rnn"`, `"min_gru"`, `"lru"`, optionally with variants (`"lstm+lengths"`).
       methods: unroll methods for `cell`; the first is the reference every other is
-        checked against, e.g. `"scan,scan:unroll=4,static,associative"`.
+        checked against, e.g. `"scan,scan:unroll=4,static,associative"`; a method's
+        options follow it, comma-separated (`"scan,scan:fused=1,hoist=1"`).
       extra: more workloads timed with the first method only (to compare cells and
         variants at equal shape), e.g. `"gru,ln_lstm,lstm+bidirectional"`.
       peers: peer implementations (`PEERS`); `""` for none.
@@ -203,7 +204,7 @@ class BenchConfig:
 
     @property
     def method_specs(self) -> list[MethodSpec]:
-        return [MethodSpec.parse(m) for m in _split(self.methods)]
+        return [MethodSpec.parse(m) for m in _split_methods(self.methods)]
 
     @property
     def extra_workloads(self) -> list[Workload]:
@@ -227,6 +228,18 @@ class BenchConfig:
                 raise ValueError(f"seq_lengths are positive integers, got {text!r}.")
             lengths.append(int(text))
         return [Shape(self.batch_size, t, self.input_size, self.num_units) for t in lengths]
+
+
+def _split_methods(text: str) -> list[str]:
+    """Like `_split`, but an item `key=value` continues the method before it, so that
+    `"scan,scan:fused=1,hoist=1"` is two methods, the second with two options."""
+    methods: list[str] = []
+    for item in _split(text):
+        if methods and ":" not in item and "=" in item:
+            methods[-1] += "," + item
+        else:
+            methods.append(item)
+    return methods
 
 
 def _as_field(value: Any) -> Any:

@@ -73,7 +73,7 @@ class RNNCell(NamedTuple):
         stack layer by layer (hoisting every layer's input projection); the state is
         then the tuple of the layers' states.
       fused_scan: optional `(params, xs [T, B, I], batched state, lengths [B] | None,
-        unroll) -> (ys [T, B, O], final state)`, the whole `lax.scan` of `step` with a
+        unroll, hoist) -> (ys [T, B, O], final state)`, the whole `lax.scan` of `step` with a
         hand-written backward pass (`rnnlab.cells.lstm_scan`, `gru_scan`, `rnn_scan`);
         `rnnlab.unroll` runs it instead of `step` (see its `fused` argument), so a cell
         whose `step` is replaced (`cell._replace(step=...)`) must drop it too.

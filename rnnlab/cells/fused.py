@@ -31,6 +31,19 @@ def summed_over_steps(inputs: Array, grads: Array) -> Array:
     return inputs.reshape(-1, inputs.shape[-1]).T @ grads.reshape(-1, grads.shape[-1])
 
 
+def loop_inputs(xs: Array, w_x: Array, hoist: bool) -> tuple[Array, Callable[[Array], Array]]:
+    """What a forward loop reads at each step, and how it gets `x_t·W_x` from that.
+
+    Not hoisted: `xs [T, B, I]` itself, projected inside the loop (one small matmul
+    per step). Hoisted: `xs·W_x [T, B, n]` for all steps at once, one matmul over the
+    `T·B` rows before the loop, which leaves only the recurrent matmul in it. The
+    backward passes are the same either way (they keep `xs`).
+    """
+    if hoist:
+        return xs @ w_x, lambda projected: projected
+    return xs, lambda x: x @ w_x
+
+
 def like(values: Any, references: Any) -> Any:
     """Each array of `values` cast to the dtype of the matching array of `references`:
     a custom VJP's cotangents must have their primals' dtypes (e.g. bfloat16 inputs

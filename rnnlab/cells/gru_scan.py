@@ -26,19 +26,20 @@ def gru_fused_scan(reset_after: bool) -> Callable[..., tuple[Array, State]]:
     """The fused scan of `gru(num_units, reset_after=reset_after)`.
 
     Returns:
-      `(params, xs, h0, lengths, unroll) -> (ys, final_h)` with time-major `xs: [T, B, I]`,
-      the batched state `h0: [B, H]`, `lengths: [B]` or `None` (for `t >= lengths[b]`
-      the state is carried and the output is zero), `unroll` steps per loop iteration;
-      `ys: [T, B, H]`.
+      `(params, xs, h0, lengths, unroll, hoist) -> (ys, final_h)` with time-major
+      `xs: [T, B, I]`, the batched state `h0: [B, H]`, `lengths: [B]` or `None` (for
+      `t >= lengths[b]` the state is carried and the output is zero), `unroll` steps per
+      loop iteration, `hoist`: the input projection of all steps in one matmul before
+      the loop; `ys: [T, B, H]`.
     """
 
     def fused_scan(
-        params: Params, xs: Array, h0: State, lengths: Optional[Array], unroll: int = 1
+        params: Params, xs: Array, h0: State, lengths: Optional[Array], unroll: int = 1, hoist: bool = False
     ) -> tuple[Array, State]:
         keys = ("w_x", "w_h", "b") + (("b_h",) if reset_after else ())
         arrays = {key: params[key] for key in keys}  # a plain dict, whatever the caller's container
         with fused.reverse_mode_only():
-            return _gru_sequence(_Options(reset_after, unroll), arrays, xs, h0, fused.valid_steps(xs, lengths))
+            return _gru_sequence(_Options(reset_after, unroll, hoist), arrays, xs, h0, fused.valid_steps(xs, lengths))
 
     return fused_scan
 
@@ -48,6 +49,7 @@ class _Options(NamedTuple):
 
     reset_after: bool
     unroll: int
+    hoist: bool  # the input projection of all steps in one matmul before the loop
 
 
 def _forward(options, params, xs, h0, valid):
@@ -57,10 +59,11 @@ def _forward(options, params, xs, h0, valid):
     (`h·W_h + b_h` with `reset_after`, else `r⊙h`)."""
     num_units = params["w_h"].shape[0]
     w_h = params["w_h"]
+    loop_xs, project = fused.loop_inputs(xs, params["w_x"], options.hoist)
 
     def step(h, inputs):
         x, valid_t = inputs
-        zx = x @ params["w_x"] + params["b"]
+        zx = project(x) + params["b"]
         if options.reset_after:
             zh = h @ w_h + params["b_h"]
             r, u = jnp.split(jax.nn.sigmoid(zx[:, : 2 * num_units] + zh[:, : 2 * num_units]), 2, axis=-1)
@@ -78,7 +81,7 @@ def _forward(options, params, xs, h0, valid):
         new_h = jnp.where(keep, new_h, h)
         return new_h, (jnp.where(keep, new_h, 0.0), new_h, saved)
 
-    h, (ys, hs, saved) = jax.lax.scan(step, h0, (xs, valid), unroll=options.unroll)
+    h, (ys, hs, saved) = jax.lax.scan(step, h0, (loop_xs, valid), unroll=options.unroll)
     return ys, h, (ys if hs is None else hs, saved)
 
 

@@ -11,8 +11,8 @@ as cuDNN and oneDNN compute them. The gate activations are one elementwise pass 
 `rnnlab.cells.lstm` attaches `lstm_fused_scan` to cells without peepholes, CIFG,
 clipping, projection or `layer_norm_cell` (and with `tanh`); the gate layer norm of
 `layer_norm=True` is included, differentiated by hand as well. `rnnlab.unroll` uses
-it for `method="scan"` when the step is neither hoisted nor rematerialised
-(`fused=None`; on CPU steps are not hoisted by default). It gives the numbers of the
+it for `method="scan"` unless the step is rematerialised (`fused=None`), with the
+input projection of all steps hoisted out of the loop where `rnnlab.unroll` hoists. It gives the numbers of the
 step under `lax.scan` up to rounding (tested, values and gradients; in bfloat16 the
 `tanh` by way of `σ` rounds a little differently). Being a `jax.custom_vjp`, it
 supports reverse mode only (also nested, and `jax.hessian`, forward over reverse);
@@ -38,16 +38,17 @@ def lstm_fused_scan(
     `layer_norm_epsilon` of `lstm(..., layer_norm=True)` (gates normalised per gate).
 
     Returns:
-      `(params, xs, state, lengths, unroll) -> (ys, final_state)` with time-major
+      `(params, xs, state, lengths, unroll, hoist) -> (ys, final_state)` with time-major
       `xs: [T, B, I]`, the batched `LSTMState` (`c, h: [B, H]`), `lengths: [B]` or
       `None` (for `t >= lengths[b]` the state is carried and the output is zero),
-      `unroll` steps per loop iteration; `ys: [T, B, H]`.
+      `unroll` steps per loop iteration, `hoist`: the input projection of all steps
+      in one matmul before the loop; `ys: [T, B, H]`.
     """
 
     def fused_scan(
-        params: Params, xs: Array, state: State, lengths: Optional[Array], unroll: int = 1
+        params: Params, xs: Array, state: State, lengths: Optional[Array], unroll: int = 1, hoist: bool = False
     ) -> tuple[Array, State]:
-        options = _Options(forget_bias, layer_norm_epsilon, unroll)
+        options = _Options(forget_bias, layer_norm_epsilon, unroll, hoist)
         keys = ("w_x", "w_h") + (("ln_scale", "ln_shift") if layer_norm_epsilon is not None else ("b",))
         arrays = {key: params[key] for key in keys}  # a plain dict, whatever the caller's container
         with fused.reverse_mode_only():
@@ -63,6 +64,7 @@ class _Options(NamedTuple):
     forget_bias: float
     layer_norm_epsilon: Optional[float]  # None: no layer norm (the params have a bias `b`)
     unroll: int
+    hoist: bool  # the input projection of all steps in one matmul before the loop
 
 
 def _gate_constants(num_units: int, forget_bias: float, dtype) -> tuple[Array, Array, Array]:
@@ -97,11 +99,12 @@ def _forward(options, params, xs, c0, h0, valid):
     dtype = jnp.result_type(xs, params["w_x"], params["w_h"])
     scale, shift, offset = _gate_constants(num_units, options.forget_bias, dtype)
     layer_norm = options.layer_norm_epsilon is not None
+    loop_xs, project = fused.loop_inputs(xs, params["w_x"], options.hoist)
 
     def step(carry, inputs):
         c, h = carry
         x, valid_t = inputs
-        v = x @ params["w_x"] + h @ params["w_h"]
+        v = project(x) + h @ params["w_h"]
         if layer_norm:
             normed, inverse_std = _normalise_per_gate(v, options.layer_norm_epsilon)
             v, norms = normed * params["ln_scale"] + params["ln_shift"], (normed, inverse_std)
@@ -117,7 +120,7 @@ def _forward(options, params, xs, c0, h0, valid):
         new_c, new_h = jnp.where(keep, new_c, c), jnp.where(keep, new_h, h)
         return (new_c, new_h), (jnp.where(keep, new_h, 0.0), new_c, new_h, acts, norms)
 
-    (c, h), (ys, cs, hs, acts, norms) = jax.lax.scan(step, (c0, h0), (xs, valid), unroll=options.unroll)
+    (c, h), (ys, cs, hs, acts, norms) = jax.lax.scan(step, (c0, h0), (loop_xs, valid), unroll=options.unroll)
     return ys, (c, h), (cs, ys if hs is None else hs, acts, norms)
 
 

@@ -28,7 +28,7 @@ def rnn_fused_scan(activation: Callable[[Array], Array]) -> Optional[Callable[..
     """The fused scan of `basic_rnn(num_units, activation)`, or `None` for an activation
     without one (any but `jnp.tanh` and `jax.nn.relu`).
 
-    The scan maps `(params, xs [T, B, I], h0 [B, H], lengths [B] | None, unroll)` to
+    The scan maps `(params, xs [T, B, I], h0 [B, H], lengths [B] | None, unroll, hoist)` to
     `(ys [T, B, H], final h [B, H])`; for `t >= lengths[b]` the state is carried and the
     output is zero.
     """
@@ -36,11 +36,11 @@ def rnn_fused_scan(activation: Callable[[Array], Array]) -> Optional[Callable[..
         return None
 
     def fused_scan(
-        params: Params, xs: Array, h0: State, lengths: Optional[Array], unroll: int = 1
+        params: Params, xs: Array, h0: State, lengths: Optional[Array], unroll: int = 1, hoist: bool = False
     ) -> tuple[Array, State]:
         arrays = {key: params[key] for key in ("w_x", "w_h", "b")}  # a plain dict
         with fused.reverse_mode_only():
-            return _rnn_sequence(_Options(activation, unroll), arrays, xs, h0, fused.valid_steps(xs, lengths))
+            return _rnn_sequence(_Options(activation, unroll, hoist), arrays, xs, h0, fused.valid_steps(xs, lengths))
 
     return fused_scan
 
@@ -50,22 +50,24 @@ class _Options(NamedTuple):
 
     activation: Callable[[Array], Array]
     unroll: int
+    hoist: bool  # the input projection of all steps in one matmul before the loop
 
 
 def _forward(options, params, xs, h0, valid):
     """The loop over `xs: [T, B, I]` from `h0: [B, H]`, `valid: [T, B]` or `None`:
     outputs `ys [T, B, H]` and the carried states `hs [T, B, H]` (`ys` without lengths)."""
+    loop_xs, project = fused.loop_inputs(xs, params["w_x"], options.hoist)
 
     def step(h, inputs):
         x, valid_t = inputs
-        new_h = options.activation(x @ params["w_x"] + h @ params["w_h"] + params["b"])
+        new_h = options.activation(project(x) + h @ params["w_h"] + params["b"])
         if valid_t is None:  # the outputs are the states
             return new_h, (new_h, None)
         keep = valid_t[:, None]
         new_h = jnp.where(keep, new_h, h)
         return new_h, (jnp.where(keep, new_h, 0.0), new_h)
 
-    h, (ys, hs) = jax.lax.scan(step, h0, (xs, valid), unroll=options.unroll)
+    h, (ys, hs) = jax.lax.scan(step, h0, (loop_xs, valid), unroll=options.unroll)
     return ys, h, ys if hs is None else hs
 
 
