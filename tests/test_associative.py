@@ -109,9 +109,11 @@ def test_every_block_size_matches_scan(name, reverse, block_size):
     "num_steps, log_space, expected",
     [(1, False, 1), (2, False, 2), (784, False, 28), (1000, False, 32), (1000, True, 1)],
 )
-def test_default_block_size_on_cpu(num_steps, log_space, expected):
-    assert jax.default_backend() == "cpu"
+def test_default_block_size_by_backend(monkeypatch, num_steps, log_space, expected):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert default_block_size(num_steps, log_space) == expected
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert default_block_size(num_steps, log_space) == 1
 
 
 @pytest.mark.parametrize(

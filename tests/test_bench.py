@@ -66,6 +66,23 @@ def test_results_have_the_documented_keys(forward_run):
     assert payload["peak_memory_gbps"] > 0
 
 
+def test_an_interrupted_run_keeps_the_shapes_it_finished(tmp_path):
+    class Interrupted(Exception):
+        pass
+
+    def log(line: str) -> None:
+        if line.startswith("shape") and "T=3" in line:
+            raise Interrupted  # as a time limit would stop the run before the second shape
+
+    config = tiny(seq_lengths="2,3", methods="scan", peers="", modes="forward", peak_bandwidth_mib=0)
+    with pytest.raises(Interrupted):
+        bench.run_benchmark(config, str(tmp_path), log=log)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["complete"] is False
+    assert {r["shape"]["seq_len"] for r in on_disk["results"]} == {2}
+    assert "lstm/scan" in (tmp_path / "report.md").read_text()
+
+
 def test_every_method_and_peer_is_checked_before_timing(forward_run):
     payload, _ = forward_run
     for reference in records(payload, target="lstm/scan"):

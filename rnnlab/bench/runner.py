@@ -183,8 +183,13 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def run_shapes(config: BenchConfig, log: Callable[[str], None] = print) -> list[Result]:
-    """Builds, checks and times every target of `config` at every shape."""
+def run_shapes(
+    config: BenchConfig,
+    log: Callable[[str], None] = print,
+    after_shape: Optional[Callable[[list[Result], list[Result]], None]] = None,
+) -> list[Result]:
+    """Builds, checks and times every target of `config` at every shape; after each shape
+    calls `after_shape(that shape's results, all results so far)`."""
     static_history: dict[tuple[str, str], list[tuple[int, float]]] = {}
     results: list[Result] = []
     for shape in config.shape_list:
@@ -207,6 +212,8 @@ def run_shapes(config: BenchConfig, log: Callable[[str], None] = print) -> list[
         run.time_all()
         _derive(run.results, peak)
         results.extend(run.results)
+        if after_shape is not None:
+            after_shape(run.results, results)
     return results
 
 
