@@ -33,8 +33,8 @@ def _setup(cell, seed=0):
 def _loss(cell, fused, **options):
     def loss(params, xs, state):
         ys, final = rnnlab.unroll(cell, params, xs, initial_state=state, fused=fused, **options)
-        weights = jnp.arange(1, cell.output_size + 1)
-        return jnp.sum(jnp.sin(3 * ys)) + sum(jnp.sum(leaf * weights) for leaf in jax.tree.leaves(final))
+        final_term = sum(jnp.sum(leaf * jnp.arange(1, leaf.shape[-1] + 1)) for leaf in jax.tree.leaves(final))
+        return jnp.sum(jnp.sin(3 * ys)) + final_term
 
     return loss
 
@@ -50,6 +50,9 @@ def _perturbed(params):
 FUSED_CELLS = {
     "lstm": lambda: lstm(H, forget_bias=0.7),
     "ln_lstm": lambda: lstm(H, forget_bias=0.7, layer_norm=True),
+    "lstm_peepholes_cell_clip": lambda: lstm(H, forget_bias=0.7, peepholes=True, cell_clip=0.6),
+    "lstm_proj_clip": lambda: lstm(H, num_proj=3, proj_clip=0.3),
+    "ln_lstm_peepholes_proj": lambda: lstm(H, layer_norm=True, peepholes=True, num_proj=4),
     "gru": lambda: gru(H),
     "gru_reset_after": lambda: gru(H, reset_after=True),
     "basic_rnn": lambda: basic_rnn(H),
@@ -113,11 +116,12 @@ def test_one_loop_bidirectional_and_stack_match_autodiff():
     [
         lambda: lstm(3, forget_bias=0.3),
         lambda: lstm(3, layer_norm=True),
+        lambda: lstm(3, peepholes=True, cell_clip=0.6, num_proj=2, proj_clip=0.4),
         lambda: gru(3),
         lambda: gru(3, reset_after=True),
         lambda: basic_rnn(3),
     ],
-    ids=["lstm", "ln_lstm", "gru", "gru_reset_after", "basic_rnn"],
+    ids=["lstm", "ln_lstm", "lstm_tf1_options", "gru", "gru_reset_after", "basic_rnn"],
 )
 def test_numerical_gradients_in_float64(make_cell):
     with jax.enable_x64(True):
@@ -151,11 +155,9 @@ def test_forward_mode_needs_fused_false_and_matches_the_fused_reverse_mode(name)
 def test_which_cells_have_a_fused_scan():
     assert all(make_cell().fused_scan is not None for make_cell in FUSED_CELLS.values())
     without = [
-        lstm(4, peepholes=True),
         lstm(4, coupled_input_forget=True),
+        lstm(4, peepholes=True, coupled_input_forget=True),
         lstm(4, layer_norm=True, layer_norm_cell=True),
-        lstm(4, cell_clip=1.0),
-        lstm(4, num_proj=2),
         lstm(4, activation=jax.nn.relu),
         gru(4, activation=jax.nn.relu),
         basic_rnn(4, activation=jax.nn.sigmoid),
@@ -168,7 +170,7 @@ def test_which_cells_have_a_fused_scan():
 @pytest.mark.parametrize(
     "cell, options, message",
     [
-        (lstm(H, peepholes=True), dict(), "has no fused scan"),
+        (lstm(H, coupled_input_forget=True), dict(), "has no fused scan"),
         (lstm(H), dict(remat=True), "without remat"),
         (lstm(H), dict(method="static"), "without remat"),
     ],

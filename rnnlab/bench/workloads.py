@@ -27,6 +27,7 @@ LEARNING_RATE = 1e-3
 CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "lstm": ("lstm", {}),
     "ln_lstm": ("lstm", {"layer_norm": True}),
+    "lstmp": ("lstm", {"peepholes": True, "cell_clip": 3.0}),
     "gru": ("gru", {}),
     "gru_reset_after": ("gru", {"reset_after": True}),
     "basic_rnn": ("basic_rnn", {}),
@@ -37,7 +38,9 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "lru": ("lru", {}),
 }
 """Benchmark cell name -> (factory in `rnnlab.cells`, keyword arguments). `lru` gets
-`state_size = num_units` and needs `input_size == num_units`."""
+`state_size = num_units` and needs `input_size == num_units`; `lstmp` (TF1's
+`LSTMCell` with peepholes, cell clipping and a projection, as in speech models) gets
+`num_proj = num_units // 2`."""
 
 
 class CellUnavailable(Exception):
@@ -62,6 +65,8 @@ def make_cell(name: str, num_units: int) -> RNNCell:
         raise CellUnavailable(f"rnnlab.cells has no {factory_name!r}")
     if name == "lru":
         kwargs = dict(kwargs, state_size=num_units)
+    if name == "lstmp":
+        kwargs = dict(kwargs, num_proj=max(num_units // 2, 1))
     return factory(num_units, **kwargs)
 
 

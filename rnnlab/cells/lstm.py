@@ -139,10 +139,10 @@ def lstm(
     for any leading axes of `x`; `projected_step` does the one recurrent matmul `h·W_h`
     and everything after it (layer norm included).
 
-    The cell with none of the options above except `layer_norm`, with `jnp.tanh` and a
-    Python number as `forget_bias`, also has a `fused_scan` (`rnnlab.cells.lstm_scan`):
-    the whole loop with a hand-written backward pass, which
-    `rnnlab.unroll(method="scan")` uses unless told `fused=False`.
+    The cell without CIFG or `layer_norm_cell`, with `jnp.tanh` and a Python number as
+    `forget_bias`, also has a `fused_scan` (`rnnlab.cells.lstm_scan`): the whole loop
+    with a hand-written backward pass, which `rnnlab.unroll(method="scan")` uses unless
+    told `fused=False`.
     """
     num_units = check_positive_int(num_units, "num_units")
     if num_proj is not None:
@@ -234,10 +234,16 @@ def lstm(
                 h = jnp.clip(h, -proj_clip, proj_clip)
         return LSTMState(c=c, h=h), h
 
-    plain = not (peepholes or cifg or layer_norm_cell or cell_clip is not None or num_proj is not None)
     fused_scan = (
-        lstm_fused_scan(forget_bias, LAYER_NORM_EPSILON if layer_norm else None)
-        if plain and activation is jnp.tanh and isinstance(forget_bias, numbers.Real)
+        lstm_fused_scan(
+            forget_bias,
+            LAYER_NORM_EPSILON if layer_norm else None,
+            peepholes=peepholes,
+            cell_clip=cell_clip,
+            projection=num_proj is not None,
+            proj_clip=proj_clip,
+        )
+        if not (cifg or layer_norm_cell) and activation is jnp.tanh and isinstance(forget_bias, numbers.Real)
         else None
     )
     return hoistable_cell(

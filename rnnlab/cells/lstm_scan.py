@@ -8,16 +8,17 @@ and writes `dg_t`; the weight gradients are then one matmul each over all `T·B`
 as cuDNN and oneDNN compute them. The gate activations are one elementwise pass over
 `[B, 4H]` (`tanh(x) = 2σ(2x) − 1` for the `j` block), saved for the backward pass.
 
-`rnnlab.cells.lstm` attaches `lstm_fused_scan` to cells without peepholes, CIFG,
-clipping, projection or `layer_norm_cell` (and with `tanh`); the gate layer norm of
-`layer_norm=True` is included, differentiated by hand as well. `rnnlab.unroll` uses
-it for `method="scan"` unless the step is rematerialised (`fused=None`), with the
-input projection of all steps hoisted out of the loop where `rnnlab.unroll` hoists. It gives the numbers of the
-step under `lax.scan` up to rounding (tested, values and gradients; in bfloat16 the
-`tanh` by way of `σ` rounds a little differently). Being a `jax.custom_vjp`, it
-supports reverse mode only (also nested, and `jax.hessian`, forward over reverse);
-`jax.jvp` or `jax.jacfwd` straight through it raise a `TypeError` that points to
-`rnnlab.unroll(..., fused=False)`.
+`rnnlab.cells.lstm` attaches `lstm_fused_scan` to cells with `tanh` and without CIFG
+or `layer_norm_cell`: TF1's `LSTMCell` options (peepholes, `cell_clip`, `num_proj`,
+`proj_clip`) and the gate layer norm of `layer_norm=True` are differentiated by hand
+as well (the projection's weight gradient, like the others, after the loop).
+`rnnlab.unroll` uses it for `method="scan"` unless the step is rematerialised
+(`fused=None`), with the input projection of all steps hoisted out of the loop where
+`rnnlab.unroll` hoists. It gives the numbers of the step under `lax.scan` up to
+rounding (tested, values and gradients; in bfloat16 the `tanh` by way of `σ` rounds a
+little differently). Being a `jax.custom_vjp`, it supports reverse mode only (also
+nested, and `jax.hessian`, forward over reverse); `jax.jvp` or `jax.jacfwd` straight
+through it raise a `TypeError` that points to `rnnlab.unroll(..., fused=False)`.
 """
 
 from __future__ import annotations
@@ -30,26 +31,36 @@ import jax.numpy as jnp
 from rnnlab.cells.base import Array, Params, State
 from rnnlab.cells import fused
 
+PEEPHOLES = ("w_i_diag", "w_f_diag", "w_o_diag")
+
 
 def lstm_fused_scan(
-    forget_bias: float, layer_norm_epsilon: Optional[float] = None
+    forget_bias: float,
+    layer_norm_epsilon: Optional[float] = None,
+    peepholes: bool = False,
+    cell_clip: Optional[float] = None,
+    projection: bool = False,
+    proj_clip: Optional[float] = None,
 ) -> Callable[..., tuple[Array, State]]:
-    """The fused scan of `lstm(num_units, forget_bias=forget_bias)`, or with
-    `layer_norm_epsilon` of `lstm(..., layer_norm=True)` (gates normalised per gate).
+    """The fused scan of `lstm(num_units, forget_bias=forget_bias, peepholes=...,
+    cell_clip=..., num_proj=..., proj_clip=...)`; with `layer_norm_epsilon`, of
+    `lstm(..., layer_norm=True)` (gates normalised per gate). `projection`: the cell
+    has `num_proj` (params `w_proj: [H, R]`).
 
     Returns:
       `(params, xs, state, lengths, unroll, hoist) -> (ys, final_state)` with time-major
-      `xs: [T, B, I]`, the batched `LSTMState` (`c, h: [B, H]`), `lengths: [B]` or
-      `None` (for `t >= lengths[b]` the state is carried and the output is zero),
-      `unroll` steps per loop iteration, `hoist`: the input projection of all steps
-      in one matmul before the loop; `ys: [T, B, H]`.
+      `xs: [T, B, I]`, the batched `LSTMState` (`c: [B, H]`, `h: [B, R]`), `lengths:
+      [B]` or `None` (for `t >= lengths[b]` the state is carried and the output is
+      zero), `unroll` steps per loop iteration, `hoist`: the input projection of all
+      steps in one matmul before the loop; `ys: [T, B, R]`.
     """
 
     def fused_scan(
         params: Params, xs: Array, state: State, lengths: Optional[Array], unroll: int = 1, hoist: bool = False
     ) -> tuple[Array, State]:
-        options = _Options(forget_bias, layer_norm_epsilon, unroll, hoist)
+        options = _Options(forget_bias, layer_norm_epsilon, unroll, hoist, peepholes, cell_clip, proj_clip)
         keys = ("w_x", "w_h") + (("ln_scale", "ln_shift") if layer_norm_epsilon is not None else ("b",))
+        keys += (PEEPHOLES if peepholes else ()) + (("w_proj",) if projection else ())
         arrays = {key: params[key] for key in keys}  # a plain dict, whatever the caller's container
         with fused.reverse_mode_only():
             ys, (c, h) = _lstm_sequence(options, arrays, xs, state.c, state.h, fused.valid_steps(xs, lengths))
@@ -65,6 +76,9 @@ class _Options(NamedTuple):
     layer_norm_epsilon: Optional[float]  # None: no layer norm (the params have a bias `b`)
     unroll: int
     hoist: bool  # the input projection of all steps in one matmul before the loop
+    peepholes: bool
+    cell_clip: Optional[float]
+    proj_clip: Optional[float]
 
 
 def _gate_constants(num_units: int, forget_bias: float, dtype) -> tuple[Array, Array, Array]:
@@ -91,10 +105,11 @@ def _normalise_per_gate(v: Array, epsilon: float) -> tuple[Array, Array]:
 
 
 def _forward(options, params, xs, c0, h0, valid):
-    """The loop over `xs: [T, B, I]` from `c0, h0: [B, H]`, `valid: [T, B]` or `None`:
-    outputs `ys [T, B, H]`, the carried states `cs, hs [T, B, H]` after every step
-    (`hs` is `ys` without lengths), the gate activations `acts [T, B, 4H]` and, with
-    layer norm, the normalised gates `[T, B, 4H]` and `1/σ [T, B, 4, 1]`."""
+    """The loop over `xs: [T, B, I]` from `c0: [B, H]`, `h0: [B, R]`, `valid: [T, B]` or
+    `None`: outputs `ys [T, B, R]`, the carried states `cs [T, B, H]`, `hs [T, B, R]`
+    after every step (`hs` is `ys` without lengths), the gate activations
+    `acts [T, B, 4H]`, with layer norm the normalised gates `[T, B, 4H]` and
+    `1/σ [T, B, 4, 1]`, and with a projection its inputs `ms [T, B, H]`."""
     num_units = params["w_h"].shape[1] // 4
     dtype = jnp.result_type(xs, params["w_x"], params["w_h"])
     scale, shift, offset = _gate_constants(num_units, options.forget_bias, dtype)
@@ -110,49 +125,84 @@ def _forward(options, params, xs, c0, h0, valid):
             v, norms = normed * params["ln_scale"] + params["ln_shift"], (normed, inverse_std)
         else:
             v, norms = v + params["b"], None
+        if options.peepholes:  # i and f read the entering cell
+            zero = jnp.zeros_like(c)
+            v = v + jnp.concatenate([params["w_i_diag"] * c, zero, params["w_f_diag"] * c, zero], axis=-1)
         acts = jax.nn.sigmoid(v * scale + shift) * scale + offset
         i, j, f, o = jnp.split(acts, 4, axis=-1)
         new_c = f * c + i * j
-        new_h = o * jnp.tanh(new_c)
+        if options.cell_clip is not None:
+            new_c = jnp.clip(new_c, -options.cell_clip, options.cell_clip)
+        if options.peepholes:  # o reads the new cell
+            o = jax.nn.sigmoid(v[..., 3 * num_units :] + params["w_o_diag"] * new_c)
+            acts = jnp.concatenate([acts[..., : 3 * num_units], o], axis=-1)
+        m = o * jnp.tanh(new_c)
+        new_h = m if "w_proj" not in params else _projected(m, params["w_proj"], options.proj_clip)
+        saved = (acts, norms, m if "w_proj" in params else None)
         if valid_t is None:  # the outputs are the states
-            return (new_c, new_h), (new_h, new_c, None, acts, norms)
+            return (new_c, new_h), (new_h, new_c, None, saved)
         keep = valid_t[:, None]
         new_c, new_h = jnp.where(keep, new_c, c), jnp.where(keep, new_h, h)
-        return (new_c, new_h), (jnp.where(keep, new_h, 0.0), new_c, new_h, acts, norms)
+        return (new_c, new_h), (jnp.where(keep, new_h, 0.0), new_c, new_h, saved)
 
-    (c, h), (ys, cs, hs, acts, norms) = jax.lax.scan(step, (c0, h0), (loop_xs, valid), unroll=options.unroll)
-    return ys, (c, h), (cs, ys if hs is None else hs, acts, norms)
+    (c, h), (ys, cs, hs, saved) = jax.lax.scan(step, (c0, h0), (loop_xs, valid), unroll=options.unroll)
+    return ys, (c, h), (cs, ys if hs is None else hs, saved)
+
+
+def _projected(m: Array, w_proj: Array, proj_clip: Optional[float]) -> Array:
+    """`clip(m·W_proj, ±proj_clip)`, `[B, R]`."""
+    h = m @ w_proj
+    return h if proj_clip is None else jnp.clip(h, -proj_clip, proj_clip)
 
 
 def _backward(options, residuals, cotangents):
-    """The reverse loop carries `(dc, dh)` (and, with layer norm, the sums of the norm's
-    gain and shift gradients) and writes `dv_t`, the gradient of `x_t·W_x + h_{t-1}·W_h`;
-    the gradients of `W_x`, `W_h`, `b` and `xs` follow from all `dv` at once."""
-    (params, xs, c0, h0, valid), (cs, hs, acts, norms) = residuals
+    """The reverse loop carries `(dc, dh)` (and the sums of the gradients of the layer
+    norm's gain and shift) and writes `dv_t`, the gradient of `x_t·W_x + h_{t-1}·W_h`,
+    with a projection that of its output, and with peepholes and layer norm the gates'
+    gradient; the gradients of `W_x`, `W_h`, `W_proj`, the peepholes, `b` and `xs`
+    follow from all of them at once."""
+    (params, xs, c0, h0, valid), (cs, hs, (acts, norms, ms)) = residuals
     d_ys, (d_c_final, d_h_final) = cotangents
     num_units = params["w_h"].shape[1] // 4
     is_j = (jnp.arange(4 * num_units) // num_units) == 1
     c_prev = fused.states_before(c0, cs)
     w_h_t = params["w_h"].T
     layer_norm = options.layer_norm_epsilon is not None
+    projection = "w_proj" in params
 
     def step(carry, inputs):
         dc, dh, (d_gain, d_shift) = carry
-        d_y, c, c_before, a, norms_t, valid_t = inputs
+        d_y, c, c_before, h, a, norms_t, valid_t = inputs
         i, j, f, o = jnp.split(a, 4, axis=-1)
         dh_total = dh + (d_y if valid_t is None else jnp.where(valid_t[:, None], d_y, 0.0))
+        if projection:  # back through clip(m·W_proj): the clip passes where |h| < proj_clip
+            d_out = dh_total
+            if options.proj_clip is not None:
+                d_out = jnp.where(jnp.abs(h) < options.proj_clip, d_out, 0.0)
+            d_m = d_out @ params["w_proj"].T
+        else:
+            d_out, d_m = None, dh_total
         tanh_c = jnp.tanh(c)
-        dc_total = dc + dh_total * o * (1 - tanh_c * tanh_c)
-        d_acts = jnp.concatenate([dc_total * j, dc_total * i, dc_total * c_before, dh_total * tanh_c], axis=-1)
+        dc_total = dc + d_m * o * (1 - tanh_c * tanh_c)
+        if options.peepholes:
+            dc_total = dc_total + d_m * tanh_c * o * (1 - o) * params["w_o_diag"]
+        if options.cell_clip is not None:  # the clip passes where |c| < cell_clip
+            dc_total = jnp.where(jnp.abs(c) < options.cell_clip, dc_total, 0.0)
+        d_acts = jnp.concatenate([dc_total * j, dc_total * i, dc_total * c_before, d_m * tanh_c], axis=-1)
         dg = d_acts * jnp.where(is_j, 1 - a * a, a * (1 - a))  # of the gates' pre-activations
         dc_prev = dc_total * f
+        if options.peepholes:  # i and f read the entering cell
+            d_i, _, d_f, _ = jnp.split(dg, 4, axis=-1)
+            dc_prev = dc_prev + d_i * params["w_i_diag"] + d_f * params["w_f_diag"]
         if valid_t is not None:  # a skipped step passes the state's gradient through
             keep = valid_t[:, None]
             dg = jnp.where(keep, dg, 0.0)
+            d_out = None if d_out is None else jnp.where(keep, d_out, 0.0)
             dc_prev = jnp.where(keep, dc_prev, dc)
             dh = jnp.where(keep, 0.0, dh)
         else:
             dh = 0.0
+        d_peephole_gates = dg if options.peepholes and layer_norm else None  # without layer norm: dv
         if layer_norm:  # back through `normed·gain + shift`, then the normalisation
             normed, inverse_std = norms_t
             d_gain, d_shift = d_gain + jnp.sum(dg * normed, axis=0), d_shift + jnp.sum(dg, axis=0)
@@ -161,13 +211,14 @@ def _backward(options, residuals, cotangents):
             dv = inverse_std * (g - jnp.mean(g, axis=-1, keepdims=True) - n * jnp.mean(g * n, axis=-1, keepdims=True))
             dg = dv.reshape(dg.shape)
         new_carry = (dc_prev, dg @ w_h_t + dh, (d_gain, d_shift))
-        return jax.tree.map(lambda new, old: new.astype(old.dtype), new_carry, carry), dg
+        new_carry = jax.tree.map(lambda new, old: new.astype(old.dtype), new_carry, carry)
+        return new_carry, (dg, d_peephole_gates, d_out)
 
     zeros = jnp.zeros((4 * num_units,), acts.dtype)
-    (dc0, dh0, (d_gain, d_shift)), dvs = jax.lax.scan(
+    (dc0, dh0, (d_gain, d_shift)), (dvs, d_peephole_gates, d_outs) = jax.lax.scan(
         step,
         (d_c_final, d_h_final, (zeros, zeros)),
-        (d_ys, cs, c_prev, acts, norms, valid),
+        (d_ys, cs, c_prev, hs, acts, norms, valid),
         reverse=True,
         unroll=options.unroll,
     )
@@ -179,6 +230,12 @@ def _backward(options, residuals, cotangents):
         d_params.update(ln_scale=d_gain, ln_shift=d_shift)
     else:
         d_params["b"] = jnp.sum(dvs, axis=(0, 1))
+    if options.peepholes:  # i and f read the entering cell, o the new one
+        d_i, _, d_f, d_o = jnp.split(dvs if d_peephole_gates is None else d_peephole_gates, 4, axis=-1)
+        for key, d_gate, cell in zip(PEEPHOLES, (d_i, d_f, d_o), (c_prev, c_prev, cs)):
+            d_params[key] = jnp.sum(d_gate * cell, axis=(0, 1))
+    if projection:
+        d_params["w_proj"] = fused.summed_over_steps(ms, d_outs)
     return fused.like((d_params, dvs @ params["w_x"].T, dc0, dh0), (params, xs, c0, h0)) + (None,)
 
 
