@@ -125,17 +125,18 @@ def _forward(options, params, xs, c0, h0, valid):
             v, norms = normed * params["ln_scale"] + params["ln_shift"], (normed, inverse_std)
         else:
             v, norms = v + params["b"], None
-        if options.peepholes:  # i and f read the entering cell
-            zero = jnp.zeros_like(c)
-            v = v + jnp.concatenate([params["w_i_diag"] * c, zero, params["w_f_diag"] * c, zero], axis=-1)
-        acts = jax.nn.sigmoid(v * scale + shift) * scale + offset
-        i, j, f, o = jnp.split(acts, 4, axis=-1)
-        new_c = f * c + i * j
-        if options.cell_clip is not None:
-            new_c = jnp.clip(new_c, -options.cell_clip, options.cell_clip)
-        if options.peepholes:  # o reads the new cell
-            o = jax.nn.sigmoid(v[..., 3 * num_units :] + params["w_o_diag"] * new_c)
-            acts = jnp.concatenate([acts[..., : 3 * num_units], o], axis=-1)
+        if options.peepholes:  # i and f read the entering cell, o the new one
+            v_i, v_j, v_f, v_o = jnp.split(v, 4, axis=-1)
+            i = jax.nn.sigmoid(v_i + params["w_i_diag"] * c)
+            j = jnp.tanh(v_j)
+            f = jax.nn.sigmoid(v_f + options.forget_bias + params["w_f_diag"] * c)
+            new_c = _clipped(f * c + i * j, options.cell_clip)
+            o = jax.nn.sigmoid(v_o + params["w_o_diag"] * new_c)
+            acts = jnp.concatenate([i, j, f, o], axis=-1)
+        else:
+            acts = jax.nn.sigmoid(v * scale + shift) * scale + offset
+            i, j, f, o = jnp.split(acts, 4, axis=-1)
+            new_c = _clipped(f * c + i * j, options.cell_clip)
         m = o * jnp.tanh(new_c)
         new_h = m if "w_proj" not in params else _projected(m, params["w_proj"], options.proj_clip)
         saved = (acts, norms, m if "w_proj" in params else None)
@@ -149,10 +150,14 @@ def _forward(options, params, xs, c0, h0, valid):
     return ys, (c, h), (cs, ys if hs is None else hs, saved)
 
 
+def _clipped(v: Array, clip: Optional[float]) -> Array:
+    """`clip(v, ±clip)`, or `v` when `clip` is `None`."""
+    return v if clip is None else jnp.clip(v, -clip, clip)
+
+
 def _projected(m: Array, w_proj: Array, proj_clip: Optional[float]) -> Array:
     """`clip(m·W_proj, ±proj_clip)`, `[B, R]`."""
-    h = m @ w_proj
-    return h if proj_clip is None else jnp.clip(h, -proj_clip, proj_clip)
+    return _clipped(m @ w_proj, proj_clip)
 
 
 def _backward(options, residuals, cotangents):
