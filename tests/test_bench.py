@@ -146,12 +146,13 @@ def test_outputs_are_checked_before_timing(monkeypatch):
 
 
 def test_unavailable_cell_and_variants_do_not_crash():
-    config = tiny(cell="gru+lengths", methods="scan", extra="no_such_cell,lstm+bidirectional", peers="", modes="forward")
+    config = tiny(cell="gru+lengths", methods="scan", extra="no_such_cell,lstm+bidirectional,lstmp", peers="",
+                  modes="forward")
     with pytest.raises(ValueError, match="unknown cell"):
         workloads.make_cell("no_such_cell", 4)
     payload = bench.run_benchmark(config, log=quiet)
     assert records(payload, target="no_such_cell/scan")[0]["status"] == "skipped"
-    for target in ("gru+lengths/scan", "lstm+bidirectional/scan"):
+    for target in ("gru+lengths/scan", "lstm+bidirectional/scan", "lstmp/scan"):
         assert records(payload, target=target)[0]["status"] == "ok"
 
 
@@ -164,8 +165,8 @@ def test_parsing_and_validation():
     assert Shape.parse("64x100x64x256") == Shape(64, 100, 64, 256)
     assert Workload.parse("gru+lengths") == Workload("gru", ("lengths",))
     assert [s.seq_len for s in BenchConfig(seq_lengths="28,100").shape_list] == [28, 100]
-    for bad in (dict(methods="scan:foo=1"), dict(methods="hoist=1,scan"), dict(modes="backward"), dict(peers="tf"), dict(cell="lstm+nope"),
-                dict(shapes="1x2x3"), dict(rounds=0)):
+    for bad in (dict(methods="scan:foo=1"), dict(methods="hoist=1,scan"), dict(modes="backward"), dict(peers="tf"),
+                dict(cell="lstm+nope"), dict(shapes="1x2x3"), dict(rounds=0)):
         with pytest.raises(ValueError):
             BenchConfig(**bad)
     with pytest.raises(ValueError, match="unknown bench config fields"):
