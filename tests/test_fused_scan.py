@@ -89,9 +89,11 @@ def test_values_and_gradients_match_autodiff_of_the_step(options, name):
         assert np.all(np.asarray(grads[1])[pad] == 0.0)
 
 
-def test_one_loop_bidirectional_and_stack_match_autodiff():
+@pytest.mark.parametrize(
+    "cell", [lstm(H), lstm(H, peepholes=True, cell_clip=0.6, num_proj=3, proj_clip=0.3)], ids=["lstm", "lstm_tf1"]
+)
+def test_one_loop_bidirectional_and_stack_match_autodiff(cell):
     """Both directions vmapped over one fused scan, and a stack whose LSTM layer is fused."""
-    cell = lstm(H)
     params = rnnlab.init_bidirectional(cell, cell, jax.random.PRNGKey(1), I)
     _, xs, _ = _setup(cell)
 
@@ -99,7 +101,7 @@ def test_one_loop_bidirectional_and_stack_match_autodiff():
         outputs, _ = rnnlab.bidirectional(cell, cell, params, xs, lengths=LENGTHS, fused=fused)
         return jnp.sum(jnp.sin(3 * outputs))
 
-    stack = rnnlab.stack([lstm(H), gru(4)])
+    stack = rnnlab.stack([cell, gru(4)])
     stack_params = stack.init(jax.random.PRNGKey(2), I)
 
     def stack_loss(params, xs, fused):
@@ -133,6 +135,23 @@ def test_numerical_gradients_in_float64(make_cell):
         state = jax.tree.map(lambda s: s + 0.5, state)
         loss = jax.jit(_loss(cell, True, lengths=jnp.array([3, 2]), reverse=True))
         check_grads(loss, (params, xs, state), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def test_a_value_exactly_on_a_clip_gets_autodiffs_half_slope():
+    """`jnp.clip`'s derivative is ½ where the value equals the bound (ties are common in
+    bfloat16); the fused backward pass must take the same, for the cell and the
+    projection clip alike."""
+    params, xs, state = _setup(lstm(H, num_proj=3))
+    _, after_one_step = rnnlab.unroll(lstm(H, num_proj=3), params, xs[:, :1], initial_state=state, fused=False)
+    cells = [
+        lstm(H, num_proj=3, cell_clip=float(abs(after_one_step.c[0, 0]))),
+        lstm(H, num_proj=3, proj_clip=float(abs(after_one_step.h[0, 0]))),
+    ]
+    for cell in cells:
+        grad = jax.jit(jax.grad(_loss(cell, None), argnums=(0, 1, 2)))
+        grad_ref = jax.jit(jax.grad(_loss(cell, False), argnums=(0, 1, 2)))
+        for g, g_ref in zip(jax.tree.leaves(grad(params, xs, state)), jax.tree.leaves(grad_ref(params, xs, state))):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5, err_msg=cell.name)
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "basic_rnn"])

@@ -95,6 +95,10 @@ def markdown_report(payload: dict[str, Any], results: list[Result], plots: list[
     lines = [
         "# rnnlab unroll benchmark",
         "",
+    ]
+    if not payload["complete"]:
+        lines += ["**Incomplete: written after a shape of a run still in progress (or stopped).**", ""]
+    lines += [
         f"Backend `{env['backend']}` ({env['processor']}, {env['cpu_count']} cores), jax {env['jax']}, "
         f"flax {env['flax']}, haiku {env['haiku']}, torch {env['torch']}. "
         f"Load average at start {env['load_average_start'][0]:.1f}, at end {env['load_average_end'][0]:.1f} "

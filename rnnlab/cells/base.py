@@ -75,8 +75,9 @@ class RNNCell(NamedTuple):
       fused_scan: optional `(params, xs [T, B, I], batched state, lengths [B] | None,
         unroll, hoist) -> (ys [T, B, O], final state)`, the whole `lax.scan` of `step` with a
         hand-written backward pass (`rnnlab.cells.lstm_scan`, `gru_scan`, `rnn_scan`);
-        `rnnlab.unroll` runs it instead of `step` (see its `fused` argument), so a cell
-        whose `step` is replaced (`cell._replace(step=...)`) must drop it too.
+        `rnnlab.unroll` runs it instead of `step` and of `input_projection` +
+        `projected_step` (see its `fused` argument), so a cell whose step or its split
+        is replaced (`cell._replace(step=...)`) must drop it too.
     """
 
     init: InitFn

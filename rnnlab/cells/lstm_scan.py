@@ -109,7 +109,8 @@ def _forward(options, params, xs, c0, h0, valid):
     `None`: outputs `ys [T, B, R]`, the carried states `cs [T, B, H]`, `hs [T, B, R]`
     after every step (`hs` is `ys` without lengths), the gate activations
     `acts [T, B, 4H]`, with layer norm the normalised gates `[T, B, 4H]` and
-    `1/σ [T, B, 4, 1]`, and with a projection its inputs `ms [T, B, H]`."""
+    `1/σ [T, B, 4, 1]`, with a projection its inputs `ms [T, B, H]`, and with clips
+    their derivatives (`[T, B, H]` for the cell, `[T, B, R]` for the projection)."""
     num_units = params["w_h"].shape[1] // 4
     dtype = jnp.result_type(xs, params["w_x"], params["w_h"])
     scale, shift, offset = _gate_constants(num_units, options.forget_bias, dtype)
@@ -130,16 +131,19 @@ def _forward(options, params, xs, c0, h0, valid):
             i = jax.nn.sigmoid(v_i + params["w_i_diag"] * c)
             j = jnp.tanh(v_j)
             f = jax.nn.sigmoid(v_f + options.forget_bias + params["w_f_diag"] * c)
-            new_c = _clipped(f * c + i * j, options.cell_clip)
+            new_c, c_slope = _clipped(f * c + i * j, options.cell_clip)
             o = jax.nn.sigmoid(v_o + params["w_o_diag"] * new_c)
             acts = jnp.concatenate([i, j, f, o], axis=-1)
         else:
             acts = jax.nn.sigmoid(v * scale + shift) * scale + offset
             i, j, f, o = jnp.split(acts, 4, axis=-1)
-            new_c = _clipped(f * c + i * j, options.cell_clip)
+            new_c, c_slope = _clipped(f * c + i * j, options.cell_clip)
         m = o * jnp.tanh(new_c)
-        new_h = m if "w_proj" not in params else _projected(m, params["w_proj"], options.proj_clip)
-        saved = (acts, norms, m if "w_proj" in params else None)
+        if "w_proj" in params:
+            new_h, h_slope = _clipped(m @ params["w_proj"], options.proj_clip)
+        else:
+            new_h, h_slope = m, None
+        saved = (acts, norms, m if "w_proj" in params else None, (c_slope, h_slope))
         if valid_t is None:  # the outputs are the states
             return (new_c, new_h), (new_h, new_c, None, saved)
         keep = valid_t[:, None]
@@ -150,14 +154,14 @@ def _forward(options, params, xs, c0, h0, valid):
     return ys, (c, h), (cs, ys if hs is None else hs, saved)
 
 
-def _clipped(v: Array, clip: Optional[float]) -> Array:
-    """`clip(v, ±clip)`, or `v` when `clip` is `None`."""
-    return v if clip is None else jnp.clip(v, -clip, clip)
-
-
-def _projected(m: Array, w_proj: Array, proj_clip: Optional[float]) -> Array:
-    """`clip(m·W_proj, ±proj_clip)`, `[B, R]`."""
-    return _clipped(m @ w_proj, proj_clip)
+def _clipped(v: Array, clip: Optional[float]) -> tuple[Array, Optional[Array]]:
+    """`(clip(v, ±clip), its derivative)`, or `(v, None)` when `clip` is `None`. The
+    derivative is the one autodiff of `jnp.clip` takes: 1 inside, 0 outside and ½
+    where `|v|` equals `clip` (ties are not rare in bfloat16)."""
+    if clip is None:
+        return v, None
+    slope = jnp.where(jnp.abs(v) < clip, 1.0, jnp.where(jnp.abs(v) == clip, 0.5, 0.0)).astype(v.dtype)
+    return jnp.clip(v, -clip, clip), slope
 
 
 def _backward(options, residuals, cotangents):
@@ -166,7 +170,7 @@ def _backward(options, residuals, cotangents):
     with a projection that of its output, and with peepholes and layer norm the gates'
     gradient; the gradients of `W_x`, `W_h`, `W_proj`, the peepholes, `b` and `xs`
     follow from all of them at once."""
-    (params, xs, c0, h0, valid), (cs, hs, (acts, norms, ms)) = residuals
+    (params, xs, c0, h0, valid), (cs, hs, (acts, norms, ms, slopes)) = residuals
     d_ys, (d_c_final, d_h_final) = cotangents
     num_units = params["w_h"].shape[1] // 4
     is_j = (jnp.arange(4 * num_units) // num_units) == 1
@@ -177,13 +181,11 @@ def _backward(options, residuals, cotangents):
 
     def step(carry, inputs):
         dc, dh, (d_gain, d_shift) = carry
-        d_y, c, c_before, h, a, norms_t, valid_t = inputs
+        d_y, c, c_before, (c_slope, h_slope), a, norms_t, valid_t = inputs
         i, j, f, o = jnp.split(a, 4, axis=-1)
         dh_total = dh + (d_y if valid_t is None else jnp.where(valid_t[:, None], d_y, 0.0))
-        if projection:  # back through clip(m·W_proj): the clip passes where |h| < proj_clip
-            d_out = dh_total
-            if options.proj_clip is not None:
-                d_out = jnp.where(jnp.abs(h) < options.proj_clip, d_out, 0.0)
+        if projection:  # back through clip(m·W_proj)
+            d_out = dh_total if h_slope is None else dh_total * h_slope
             d_m = d_out @ params["w_proj"].T
         else:
             d_out, d_m = None, dh_total
@@ -191,8 +193,8 @@ def _backward(options, residuals, cotangents):
         dc_total = dc + d_m * o * (1 - tanh_c * tanh_c)
         if options.peepholes:
             dc_total = dc_total + d_m * tanh_c * o * (1 - o) * params["w_o_diag"]
-        if options.cell_clip is not None:  # the clip passes where |c| < cell_clip
-            dc_total = jnp.where(jnp.abs(c) < options.cell_clip, dc_total, 0.0)
+        if c_slope is not None:  # back through the cell's clip
+            dc_total = dc_total * c_slope
         d_acts = jnp.concatenate([dc_total * j, dc_total * i, dc_total * c_before, d_m * tanh_c], axis=-1)
         dg = d_acts * jnp.where(is_j, 1 - a * a, a * (1 - a))  # of the gates' pre-activations
         dc_prev = dc_total * f
@@ -223,7 +225,7 @@ def _backward(options, residuals, cotangents):
     (dc0, dh0, (d_gain, d_shift)), (dvs, d_peephole_gates, d_outs) = jax.lax.scan(
         step,
         (d_c_final, d_h_final, (zeros, zeros)),
-        (d_ys, cs, c_prev, hs, acts, norms, valid),
+        (d_ys, cs, c_prev, slopes, acts, norms, valid),
         reverse=True,
         unroll=options.unroll,
     )
