@@ -10,8 +10,9 @@ or `python -m rnnlab.bench --cell=lstm --seq_lengths=28,100 --workdir=...`, or
 
 `run_benchmark` returns (and writes to `workdir/results.json`) a dict with the keys
 `RESULT_KEYS`: `complete` (`False` in the file written after each shape but the last,
-so that an interrupted run keeps the shapes it finished), `config` (the `BenchConfig` fields), `environment` (versions, backend,
-CPU, `XLA_FLAGS`, load average at start and end), `peak_gflops` (median float32
+so that an interrupted run keeps the shapes it finished), `config` (the `BenchConfig`
+fields), `environment` (versions, backend, CPU, `XLA_FLAGS`, load average at start and
+end), `peak_gflops` (median float32
 matmul GFLOP/s over the shapes), `peak_memory_gbps` (median GB/s of the `a*x+y`
 bandwidth reference, or `None` when not timed), and `results`: one record per (shape, target, mode)
 with the keys `RECORD_KEYS` (see `Result`).
