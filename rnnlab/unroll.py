@@ -86,9 +86,9 @@ def unroll(
         rematerialised (a train step on 2 CPU cores measured 1.03-1.48x faster at
         seven shapes, 0.9x at B=128, T=28, H=128; on an H200 GPU, hoisted, 1.48-1.55x;
         docs/benchmarks.md); `True`: require it; `False`: autodiff of the step. The
-        fused scan is differentiated in reverse
-        mode only (`jax.grad`, `jax.vjp`, nested, and `jax.hessian`); for `jax.jvp` or
-        `jax.jacfwd` straight through the unroll pass `fused=False`.
+        fused scan is differentiated in reverse mode only (`jax.grad`, `jax.vjp`,
+        nested, and `jax.hessian`); for `jax.jvp` or `jax.jacfwd` straight through the
+        unroll pass `fused=False`.
 
     Returns:
       `(outputs, final_state)`: outputs `[B, T, O]` (or `[T, B, O]`), zero past each
