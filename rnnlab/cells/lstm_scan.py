@@ -99,7 +99,8 @@ def _per_gate(v: Array) -> Array:
 def _normalise_per_gate(v: Array, epsilon: float) -> tuple[Array, Array]:
     """Each gate's `H` pre-activations of `v: [B, 4H]` to zero mean and unit variance:
     `(normed [B, 4H], 1/σ [B, 4, 1])`."""
-    centred = _per_gate(v) - jnp.mean(_per_gate(v), axis=-1, keepdims=True)
+    gates = _per_gate(v)
+    centred = gates - jnp.mean(gates, axis=-1, keepdims=True)
     inverse_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
     return (centred * inverse_std).reshape(v.shape), inverse_std
 
@@ -115,6 +116,7 @@ def _forward(options, params, xs, c0, h0, valid):
     dtype = jnp.result_type(xs, params["w_x"], params["w_h"])
     scale, shift, offset = _gate_constants(num_units, options.forget_bias, dtype)
     layer_norm = options.layer_norm_epsilon is not None
+    projection = "w_proj" in params
     loop_xs, project = fused.loop_inputs(xs, params["w_x"], options.hoist)
 
     def step(carry, inputs):
@@ -139,11 +141,11 @@ def _forward(options, params, xs, c0, h0, valid):
             i, j, f, o = jnp.split(acts, 4, axis=-1)
             new_c, c_slope = _clipped(f * c + i * j, options.cell_clip)
         m = o * jnp.tanh(new_c)
-        if "w_proj" in params:
+        if projection:
             new_h, h_slope = _clipped(m @ params["w_proj"], options.proj_clip)
         else:
             new_h, h_slope = m, None
-        saved = (acts, norms, m if "w_proj" in params else None, (c_slope, h_slope))
+        saved = (acts, norms, m if projection else None, (c_slope, h_slope))
         if valid_t is None:  # the outputs are the states
             return (new_c, new_h), (new_h, new_c, None, saved)
         keep = valid_t[:, None]

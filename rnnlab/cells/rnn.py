@@ -49,7 +49,12 @@ def basic_rnn(num_units: int, activation: Callable[[Array], Array] = jnp.tanh) -
         h = activation(z + h @ params["w_h"])
         return h, h
 
-    initial_state, fused_scan = zero_state(num_units, "w_h"), rnn_fused_scan(activation)
     return hoistable_cell(
-        name, num_units, init, initial_state, affine_input_projection, projected_step, fused_scan=fused_scan
+        name,
+        num_units,
+        init,
+        zero_state(num_units, "w_h"),
+        affine_input_projection,
+        projected_step,
+        fused_scan=rnn_fused_scan(activation),
     )
