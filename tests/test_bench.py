@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rnnlab import bench
-from rnnlab.bench import runner, workloads
+from rnnlab.bench import report, runner, workloads
 from rnnlab.bench.config import BenchConfig, MethodSpec, Shape, Workload
 
 TINY = dict(
@@ -57,7 +57,7 @@ def test_results_have_the_documented_keys(forward_run):
     assert set(payload) == set(bench.RESULT_KEYS)
     on_disk = json.loads((workdir / "results.json").read_text())
     assert set(on_disk) == set(bench.RESULT_KEYS)
-    assert len(on_disk["results"]) == len(payload["results"]) == 2 * 8  # 7 targets + the bandwidth reference
+    assert len(on_disk["results"]) == len(payload["results"]) == 2 * 9  # 7 targets, the bandwidth reference, the matmul floor
     for record in on_disk["results"]:
         assert set(record) == set(bench.RECORD_KEYS)
     for name in ("report.md", "time_forward.png", "compile.png"):
@@ -117,6 +117,26 @@ def test_train_step_checks_loss_and_grads():
     assert record["status"] == "ok"
     assert record["check"]["compared"] == ["grads", "loss"] and record["check"]["passed"]
     assert record["flops"] == pytest.approx(3 * 2 * 2 * 3 * (3 + 4) * 4 * 4)
+
+
+def test_the_lstm_matmul_floor_is_timed_in_each_mode_unless_turned_off():
+    payload = bench.run_benchmark(tiny(methods="scan", peers="flax_lstm", modes="forward,train"), log=quiet)
+    floors = {r["mode"]: r for r in records(payload, target="floor/lstm_matmuls")}
+    assert set(floors) == {"forward", "train"}
+    b, t, i, h = 2, 3, 3, 4  # the TINY shape
+    projection, recurrent = 2 * b * t * i * 4 * h, 2 * b * t * h * 4 * h
+    assert floors["forward"]["flops"] == pytest.approx(projection + recurrent)
+    # backward: the recurrent chain again, then the gradients of W_x and W_h; no input gradient
+    assert floors["train"]["flops"] == pytest.approx(2 * projection + 3 * recurrent)
+    for floor in floors.values():
+        assert floor["kind"] == "floor" and floor["status"] == "ok"
+        assert floor["time_ms"]["median"] > 0 and floor["gflops"] > 0 and floor["speedup_vs_best_peer"] > 0
+    results = [runner.Result(**dict(r, shape=Shape(**r["shape"]), time_ms=bench.Stats(**r["time_ms"])))
+               for r in payload["results"] if r["time_ms"]]
+    lines = report.summary(results)
+    assert len(lines) == 2 and all("the LSTM's matmuls alone" in line for line in lines)
+    payload = bench.run_benchmark(tiny(methods="scan", peers="", modes="train", matmul_floor=False), log=quiet)
+    assert not records(payload, target="floor/lstm_matmuls")
 
 
 def test_associative_methods_of_a_linear_cell_are_checked_and_timed():

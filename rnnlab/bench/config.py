@@ -133,6 +133,9 @@ class BenchConfig:
       peak_matmul_size: `N` of the `N x N` float32 matmul timed as the peak reference.
       peak_bandwidth_mib: MiB per vector of the `a*x+y` timed as the memory-bandwidth
         reference (0: not timed).
+      matmul_floor: also time `floor/lstm_matmuls`, only the matmuls of an LSTM of
+        each shape, chained as the recurrence chains them: the least any LSTM
+        compiled for this backend spends on them (rnnlab's, Flax's, Haiku's).
       seed: seeds parameters and data.
       plots: write the PNG plots.
       torch_threads: `torch.set_num_threads` for the PyTorch peer; 0 means
@@ -162,6 +165,7 @@ class BenchConfig:
     atol: float = 1e-5
     peak_matmul_size: int = 2048
     peak_bandwidth_mib: int = 64
+    matmul_floor: bool = True
     seed: int = 0
     plots: bool = True
     torch_threads: int = 0

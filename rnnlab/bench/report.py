@@ -53,7 +53,7 @@ def _title(rows: list[Result], mode: str) -> str:
 def summary(results: list[Result]) -> list[str]:
     """Per shape and mode: the swept workload's reference target (its first method, the
     first rnnlab result of the group) against each peer, as speed ratios (> 1: rnnlab
-    is faster)."""
+    is faster), and the time of the LSTM's matmuls alone when they were timed."""
     lines = []
     for (_, mode), rows in _groups(results).items():
         first = next((r for r in results if r.kind == "rnnlab" and r.shape == rows[0].shape and r.mode == mode), None)
@@ -62,9 +62,11 @@ def summary(results: list[Result]) -> list[str]:
         if reference is None or not peers:
             continue
         ratios = ", ".join(f"{p.target.split('/')[1]} {p.time_ms.median / reference.time_ms.median:.2f}x" for p in peers)
+        floor = next((r for r in rows if r.kind == "floor" and r.time_ms), None)
+        floor_text = f"; the LSTM's matmuls alone {floor.time_ms.median:.1f} ms" if floor else ""
         lines.append(
             f"{rows[0].shape} {mode}: {reference.target} {reference.time_ms.median:.1f} ms; "
-            f"speed vs peers: {ratios}"
+            f"speed vs peers: {ratios}{floor_text}"
         )
     return lines
 
@@ -110,7 +112,9 @@ def markdown_report(payload: dict[str, Any], results: list[Result], plots: list[
         "the cell's `[K, N]` weights, train step 3x that); `% peak` is against the "
         "float32 matmul timed in the same rounds (its best call); `x best peer` > 1 is faster than the fastest peer. "
         "`peak/memory` is the memory-bandwidth reference (`a*x+y`, its best call, GB/s in the note): the "
-        "limit of elementwise work such as a linear recurrence's scan.",
+        "limit of elementwise work such as a linear recurrence's scan. `floor/lstm_matmuls` runs only the "
+        "matmuls of an LSTM of the shape, chained as the recurrence chains them: no LSTM compiled for this "
+        "backend takes less.",
         "",
         "Config: `" + json.dumps(payload["config"], sort_keys=True) + "`",
         "",
@@ -151,7 +155,7 @@ def write_plots(results: list[Result], workdir: str) -> list[str]:
         fig.savefig(os.path.join(workdir, name), dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(name)
-    compiled = [r for r in results if r.compile_s is not None and r.kind != "peak"]
+    compiled = [r for r in results if r.compile_s is not None and r.kind not in ("peak", "floor")]
     if compiled:
         fig, ax = plt.subplots(figsize=(8, 5))
         colors = _colors(r.target for r in compiled)

@@ -21,6 +21,7 @@ from rnnlab.bench import workloads
 
 PEAK_TARGET = "peak/matmul"
 BANDWIDTH_TARGET = "peak/memory"
+FLOOR_TARGET = "floor/lstm_matmuls"
 STATIC_MIN_EXPONENT = 1.0  # static compile time grows at least linearly in T
 STATIC_MAX_EXPONENT = 3.0
 
@@ -32,7 +33,7 @@ class Result:
     (outputs differ from the reference; not timed) or `"error"`; `note` says why."""
 
     target: str
-    kind: str  # "rnnlab", "peer" or "peak"
+    kind: str  # "rnnlab", "peer", "peak" or "floor"
     label: str
     mode: str
     shape: Shape
@@ -204,6 +205,8 @@ def run_shapes(
             bandwidth = Result(BANDWIDTH_TARGET, "peak", f"a*x+y, 3 x {config.peak_bandwidth_mib} MiB float32",
                                config.mode_list[0], shape, bytes_moved=moved)
             run.add(bandwidth, lambda: bandwidth_program, None)
+        if config.matmul_floor:
+            _add_floor(run)
         reference = _add_rnnlab(run, config.workload, config.method_specs, static_history)
         for workload in config.extra_workloads:
             _add_rnnlab(run, workload, config.method_specs[:1], static_history)
@@ -281,6 +284,15 @@ def _static_skip(
         return (f"predicted compile {predicted:.0f} s > budget {config.static_compile_budget_s:.0f} s "
                 f"(measured {measured})")
     return None
+
+
+def _add_floor(run: _ShapeRun) -> None:
+    """Adds the matmuls of an LSTM of the shape alone (`workloads.lstm_matmul_floor_program`)."""
+    for mode in run.config.mode_list:
+        program, flops = workloads.lstm_matmul_floor_program(run.shape, mode)
+        result = Result(FLOOR_TARGET, "floor", "the LSTM's matmuls alone", mode, run.shape, flops=flops,
+                        note="matmuls only")
+        run.add(result, lambda: program, None)
 
 
 def _add_peers(run: _ShapeRun, references: Optional[dict[str, tuple[str, dict]]]) -> None:

@@ -209,6 +209,54 @@ def peak_program(size: int) -> tuple[Program, float]:
     return jax_program(jnp.matmul, (a, a), lambda r: {}), 2.0 * size**3
 
 
+def lstm_matmul_floor_program(shape: Shape, mode: str) -> tuple[Program, float]:
+    """Only the matmuls of a one-layer LSTM of `shape`, chained as the recurrence
+    chains them, and their FLOPs: the least an LSTM compiled for this backend spends
+    on matmuls, to read the LSTM targets' (and peers') times against.
+
+    Forward: the input projection of every step as one `[T·B, I] x [I, 4H]` matmul,
+    then per step `h_t = Σ_gates (z_t + h_{t-1}·W_h)`, one `[B, H] x [H, 4H]` matmul
+    (the sum over the four `[B, H]` gate blocks keeps every column in use). Train
+    step: also the backward chain, per step `dh_{t-1} = (z_t + dh_t)·W_hᵀ`, one
+    `[B, 4H] x [4H, H]` matmul, and the weight gradients `xsᵀ·dg` and `hsᵀ·dg` as one
+    matmul each over the `T·B` rows. No gate activations, no head, no optimiser, no
+    input gradient (a classifier's train step needs none).
+    """
+    batch, steps, inputs, units = shape.batch_size, shape.seq_len, shape.input_size, shape.num_units
+    key_x, key_wx, key_wh = jax.random.split(jax.random.PRNGKey(3), 3)
+    xs = jax.random.normal(key_x, (steps, batch, inputs), jnp.float32)
+    w_x = jax.random.normal(key_wx, (inputs, 4 * units), jnp.float32) / np.sqrt(inputs)
+    # Largest singular value about 0.75 (and 0.5 per gate block): both chains stay bounded.
+    w_h = jax.random.normal(key_wh, (units, 4 * units), jnp.float32) * (0.25 / np.sqrt(units))
+
+    def forward(w_x, w_h, xs):
+        zs = xs @ w_x
+
+        def step(h, z):
+            h = jnp.sum((z + h @ w_h).reshape(batch, 4, units), axis=1)
+            return h, h
+
+        _, hs = jax.lax.scan(step, jnp.zeros((batch, units), jnp.float32), zs)
+        return zs, hs
+
+    def train(w_x, w_h, xs):
+        zs, hs = forward(w_x, w_h, xs)
+
+        def step(dh, z):
+            dg = z + jnp.tile(dh, (1, 4))
+            return dg @ w_h.T, dg
+
+        _, dgs = jax.lax.scan(step, hs[-1], zs, reverse=True)
+        hs_before = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])
+        flat = lambda a: a.reshape(-1, a.shape[-1])
+        return flat(xs).T @ flat(dgs), flat(hs_before).T @ flat(dgs)
+
+    projection, recurrent = 2.0 * steps * batch * inputs * 4 * units, 2.0 * steps * batch * units * 4 * units
+    if mode == "forward":
+        return jax_program(lambda *a: forward(*a)[1], (w_x, w_h, xs), lambda r: {}), projection + recurrent
+    return jax_program(train, (w_x, w_h, xs), lambda r: {}), 2 * projection + 3 * recurrent
+
+
 def bandwidth_program(size_mib: int) -> tuple[Program, float]:
     """`a * x + y` over float32 vectors of `size_mib` MiB each and the bytes it moves
     (two reads and a write), the backend's memory-bandwidth reference: what a
