@@ -78,8 +78,8 @@ def unroll(
         on CPU, where its train step measured 1.1-1.4x faster than with `1`
         (docs/benchmarks.md), and `1` on GPU/TPU and for `log_space` cells (the
         log-space form runs only with `1`).
-      fused: for `"scan"`, run a cell that has a `fused_scan` (`lstm` without CIFG
-        or `layer_norm_cell`; `gru`; `basic_rnn`) by it:
+      fused: for `"scan"`, run a cell that has a `fused_scan` (`lstm`, any options;
+        `gru`; `basic_rnn`) by it:
         the same loop with a hand-written backward pass that computes the weight
         gradients after the loop, in one matmul each (and, with `hoist`, the input
         projection before it). `None` (default): whenever the step is not
@@ -153,8 +153,8 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
     """The sequential loop over time-major `xs: [T, B, I]` for one (non-stacked) cell."""
     if fused and cell.fused_scan is None:
         raise ValueError(
-            f"fused=True: {cell.name} has no fused scan (lstm without CIFG or layer_norm_cell, "
-            "and gru, each with tanh, and basic_rnn with tanh or relu have one)."
+            f"fused=True: {cell.name} has no fused scan (lstm and gru with tanh, and basic_rnn "
+            "with tanh or relu have one)."
         )
     if hoist is None:
         hoist = cell.linear_recurrence is not None or jax.default_backend() != "cpu"

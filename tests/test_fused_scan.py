@@ -1,6 +1,7 @@
-"""The fused scans of the LSTM (`rnnlab.cells.lstm_scan`, plain and layer-normalised),
-the GRU (`rnnlab.cells.gru_scan`, both forms) and the basic RNN (`rnn_scan`): the same values and gradients as
-autodiff of the step under `lax.scan`, numerical gradients, and when they run.
+"""The fused scans of the LSTM (`rnnlab.cells.lstm_scan`: TF1's options, CIFG, layer
+norm of the gates and of the cell), the GRU (`rnnlab.cells.gru_scan`, both forms) and the
+basic RNN (`rnn_scan`): the same values and gradients as autodiff of the step under
+`lax.scan`, numerical gradients, and when they run.
 (`tests/test_unroll.py` also checks them against the per-example loop.)"""
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ FUSED_CELLS = {
     "lstm_peepholes_cell_clip": lambda: lstm(H, forget_bias=0.7, peepholes=True, cell_clip=0.6),
     "lstm_proj_clip": lambda: lstm(H, num_proj=3, proj_clip=0.3),
     "ln_lstm_peepholes_proj": lambda: lstm(H, layer_norm=True, peepholes=True, num_proj=4),
+    "lstm_cifg": lambda: lstm(H, forget_bias=0.7, coupled_input_forget=True),
+    "lstm_cifg_peepholes_cell_clip": lambda: lstm(H, coupled_input_forget=True, peepholes=True, cell_clip=0.6),
+    "ln_lstm_cell": lambda: lstm(H, forget_bias=0.7, layer_norm=True, layer_norm_cell=True),
+    "ln_lstm_cell_peepholes_cifg_proj_clip": lambda: lstm(
+        H, layer_norm=True, layer_norm_cell=True, peepholes=True, coupled_input_forget=True, num_proj=3, proj_clip=0.3
+    ),
     "gru": lambda: gru(H),
     "gru_reset_after": lambda: gru(H, reset_after=True),
     "basic_rnn": lambda: basic_rnn(H),
@@ -90,7 +97,13 @@ def test_values_and_gradients_match_autodiff_of_the_step(options, name):
 
 
 @pytest.mark.parametrize(
-    "cell", [lstm(H), lstm(H, peepholes=True, cell_clip=0.6, num_proj=3, proj_clip=0.3)], ids=["lstm", "lstm_tf1"]
+    "cell",
+    [
+        lstm(H),
+        lstm(H, peepholes=True, cell_clip=0.6, num_proj=3, proj_clip=0.3),
+        lstm(H, coupled_input_forget=True, layer_norm=True, layer_norm_cell=True, peepholes=True),
+    ],
+    ids=["lstm", "lstm_tf1", "ln_lstm_cell_cifg_peepholes"],
 )
 def test_one_loop_bidirectional_and_stack_match_autodiff(cell):
     """Both directions vmapped over one fused scan, and a stack whose LSTM layer is fused."""
@@ -119,11 +132,24 @@ def test_one_loop_bidirectional_and_stack_match_autodiff(cell):
         lambda: lstm(3, forget_bias=0.3),
         lambda: lstm(3, layer_norm=True),
         lambda: lstm(3, peepholes=True, cell_clip=0.6, num_proj=2, proj_clip=0.4),
+        lambda: lstm(3, forget_bias=0.3, coupled_input_forget=True, peepholes=True),
+        lambda: lstm(3, layer_norm=True, layer_norm_cell=True, peepholes=True),
+        lambda: lstm(3, layer_norm=True, layer_norm_cell=True, coupled_input_forget=True, num_proj=2),
         lambda: gru(3),
         lambda: gru(3, reset_after=True),
         lambda: basic_rnn(3),
     ],
-    ids=["lstm", "ln_lstm", "lstm_tf1_options", "gru", "gru_reset_after", "basic_rnn"],
+    ids=[
+        "lstm",
+        "ln_lstm",
+        "lstm_tf1_options",
+        "lstm_cifg_peepholes",
+        "ln_lstm_cell_peepholes",
+        "ln_lstm_cell_cifg_proj",
+        "gru",
+        "gru_reset_after",
+        "basic_rnn",
+    ],
 )
 def test_numerical_gradients_in_float64(make_cell):
     with jax.enable_x64(True):
@@ -174,10 +200,8 @@ def test_forward_mode_needs_fused_false_and_matches_the_fused_reverse_mode(name)
 def test_which_cells_have_a_fused_scan():
     assert all(make_cell().fused_scan is not None for make_cell in FUSED_CELLS.values())
     without = [
-        lstm(4, coupled_input_forget=True),
-        lstm(4, peepholes=True, coupled_input_forget=True),
-        lstm(4, layer_norm=True, layer_norm_cell=True),
         lstm(4, activation=jax.nn.relu),
+        lstm(4, coupled_input_forget=True, layer_norm=True, layer_norm_cell=True, activation=jax.nn.soft_sign),
         gru(4, activation=jax.nn.relu),
         basic_rnn(4, activation=jax.nn.sigmoid),
         rnnlab.dropout(lstm(4), output_keep=0.5),
@@ -189,7 +213,7 @@ def test_which_cells_have_a_fused_scan():
 @pytest.mark.parametrize(
     "cell, options, message",
     [
-        (lstm(H, coupled_input_forget=True), dict(), "has no fused scan"),
+        (lstm(H, coupled_input_forget=True, activation=jax.nn.relu), dict(), "has no fused scan"),
         (lstm(H), dict(remat=True), "without remat"),
         (lstm(H), dict(method="static"), "without remat"),
     ],

@@ -139,8 +139,8 @@ def lstm(
     for any leading axes of `x`; `projected_step` does the one recurrent matmul `h·W_h`
     and everything after it (layer norm included).
 
-    The cell without CIFG or `layer_norm_cell`, with `jnp.tanh` and a Python number as
-    `forget_bias`, also has a `fused_scan` (`rnnlab.cells.lstm_scan`): the whole loop
+    The cell with `jnp.tanh` and a Python number as `forget_bias`, whatever its other
+    options, also has a `fused_scan` (`rnnlab.cells.lstm_scan`): the whole loop
     with a hand-written backward pass, which `rnnlab.unroll(method="scan")` uses unless
     told `fused=False`.
     """
@@ -242,8 +242,10 @@ def lstm(
             cell_clip=cell_clip,
             projection=num_proj is not None,
             proj_clip=proj_clip,
+            coupled_input_forget=cifg,
+            layer_norm_cell=layer_norm_cell,
         )
-        if not (cifg or layer_norm_cell) and activation is jnp.tanh and isinstance(forget_bias, numbers.Real)
+        if activation is jnp.tanh and isinstance(forget_bias, numbers.Real)
         else None
     )
     return hoistable_cell(

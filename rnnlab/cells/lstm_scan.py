@@ -3,22 +3,25 @@
 Autodiff of `lax.scan` over the LSTM's step accumulates the weight gradients inside
 the backward loop: `dW_x += x_tᵀ·dg_t` and `dW_h += h_{t-1}ᵀ·dg_t` at every step (`dg_t`:
 the gradient of the gate pre-activations), a small matmul and a read and write of
-each `[·, 4H]` accumulator per step. Here the backward loop carries only `(dh, dc)`
-and writes `dg_t`; the weight gradients are then one matmul each over all `T·B` rows,
-as cuDNN and oneDNN compute them. The gate activations are one elementwise pass over
-`[B, 4H]` (`tanh(x) = 2σ(2x) − 1` for the `j` block), saved for the backward pass.
+each `[·, G]` accumulator per step (`G = 4H` gate columns, `3H` with CIFG). Here the
+backward loop carries only `(dh, dc)` and writes `dg_t`; the weight gradients are then
+one matmul each over all `T·B` rows, as cuDNN and oneDNN compute them. The gate
+activations are one elementwise pass over `[B, G]` (`tanh(x) = 2σ(2x) − 1` for the `j`
+block), saved for the backward pass.
 
-`rnnlab.cells.lstm` attaches `lstm_fused_scan` to cells with `tanh` and without CIFG
-or `layer_norm_cell`: TF1's `LSTMCell` options (peepholes, `cell_clip`, `num_proj`,
-`proj_clip`) and the gate layer norm of `layer_norm=True` are differentiated by hand
-as well (the projection's weight gradient, like the others, after the loop).
-`rnnlab.unroll` uses it for `method="scan"` unless the step is rematerialised
-(`fused=None`), with the input projection of all steps hoisted out of the loop where
-`rnnlab.unroll` hoists. It gives the numbers of the step under `lax.scan` up to
-rounding (tested, values and gradients; in bfloat16 the `tanh` by way of `σ` rounds a
-little differently). Being a `jax.custom_vjp`, it supports reverse mode only (also
-nested, and `jax.hessian`, forward over reverse); `jax.jvp` or `jax.jacfwd` straight
-through it raise a `TypeError` that points to `rnnlab.unroll(..., fused=False)`.
+`rnnlab.cells.lstm` attaches `lstm_fused_scan` to every cell with `tanh` and a Python
+number as `forget_bias`: TF1's `LSTMCell` options (peepholes, `cell_clip`, `num_proj`,
+`proj_clip`), CIFG (the input gate `1 − f`), and the layer norms of `layer_norm=True`
+(per gate) and `layer_norm_cell=True` (of the cell before the output's `tanh`) are
+differentiated by hand as well (the projection's weight gradient, like the others,
+after the loop). `rnnlab.unroll` uses it for `method="scan"` unless the step is
+rematerialised (`fused=None`), with the input projection of all steps hoisted out of
+the loop where `rnnlab.unroll` hoists. It gives the numbers of the step under
+`lax.scan` up to rounding (tested, values and gradients; in bfloat16 the `tanh` by way
+of `σ` rounds a little differently). Being a `jax.custom_vjp`, it supports reverse mode
+only (also nested, and `jax.hessian`, forward over reverse); `jax.jvp` or `jax.jacfwd`
+straight through it raise a `TypeError` that points to
+`rnnlab.unroll(..., fused=False)`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ import jax.numpy as jnp
 from rnnlab.cells.base import Array, Params, State
 from rnnlab.cells import fused
 
-PEEPHOLES = ("w_i_diag", "w_f_diag", "w_o_diag")
+GATES = ("i", "j", "f", "o")
+"""The order of the gate columns; CIFG has no `i` (`j, f, o`)."""
+
+PEEPHOLES = {"i": "w_i_diag", "f": "w_f_diag", "o": "w_o_diag"}
+"""The diagonal peephole weight of each gate that has one (`i` and `f` read the entering
+cell, `o` the new one)."""
 
 
 def lstm_fused_scan(
@@ -41,11 +49,15 @@ def lstm_fused_scan(
     cell_clip: Optional[float] = None,
     projection: bool = False,
     proj_clip: Optional[float] = None,
+    coupled_input_forget: bool = False,
+    layer_norm_cell: bool = False,
 ) -> Callable[..., tuple[Array, State]]:
     """The fused scan of `lstm(num_units, forget_bias=forget_bias, peepholes=...,
-    cell_clip=..., num_proj=..., proj_clip=...)`; with `layer_norm_epsilon`, of
-    `lstm(..., layer_norm=True)` (gates normalised per gate). `projection`: the cell
-    has `num_proj` (params `w_proj: [H, R]`).
+    cell_clip=..., num_proj=..., proj_clip=..., coupled_input_forget=...)`; with
+    `layer_norm_epsilon`, of `lstm(..., layer_norm=True, layer_norm_cell=...)` (gates
+    normalised per gate; `layer_norm_cell`, which needs `layer_norm_epsilon`, also the
+    cell before the output's `tanh`, with the same epsilon). `projection`: the cell has
+    `num_proj` (params `w_proj: [H, R]`).
 
     Returns:
       `(params, xs, state, lengths, unroll, hoist) -> (ys, final_state)` with time-major
@@ -54,13 +66,16 @@ def lstm_fused_scan(
       zero), `unroll` steps per loop iteration, `hoist`: the input projection of all
       steps in one matmul before the loop; `ys: [T, B, R]`.
     """
+    gates = GATES[1:] if coupled_input_forget else GATES
 
     def fused_scan(
         params: Params, xs: Array, state: State, lengths: Optional[Array], unroll: int = 1, hoist: bool = False
     ) -> tuple[Array, State]:
-        options = _Options(forget_bias, layer_norm_epsilon, unroll, hoist, peepholes, cell_clip, proj_clip)
+        options = _Options(forget_bias, layer_norm_epsilon, unroll, hoist, gates, peepholes, cell_clip, proj_clip)
         keys = ("w_x", "w_h") + (("ln_scale", "ln_shift") if layer_norm_epsilon is not None else ("b",))
-        keys += (PEEPHOLES if peepholes else ()) + (("w_proj",) if projection else ())
+        keys += ("ln_cell_scale", "ln_cell_shift") if layer_norm_cell else ()
+        keys += tuple(PEEPHOLES[gate] for gate in gates if peepholes and gate in PEEPHOLES)
+        keys += ("w_proj",) if projection else ()
         arrays = {key: params[key] for key in keys}  # a plain dict, whatever the caller's container
         with fused.reverse_mode_only():
             ys, (c, h) = _lstm_sequence(options, arrays, xs, state.c, state.h, fused.valid_steps(xs, lengths))
@@ -70,52 +85,82 @@ def lstm_fused_scan(
 
 
 class _Options(NamedTuple):
-    """The static settings of one fused scan."""
+    """The static settings of one fused scan (a projection and the cell's layer norm
+    show in the params: `w_proj`, `ln_cell_scale`)."""
 
     forget_bias: float
     layer_norm_epsilon: Optional[float]  # None: no layer norm (the params have a bias `b`)
     unroll: int
     hoist: bool  # the input projection of all steps in one matmul before the loop
+    gates: tuple[str, ...]  # the order of the gate columns: `GATES`, or without `i` (CIFG)
     peepholes: bool
     cell_clip: Optional[float]
     proj_clip: Optional[float]
 
 
-def _gate_constants(num_units: int, forget_bias: float, dtype) -> tuple[Array, Array, Array]:
-    """`(scale, shift, offset)`, each `[4H]`, with `σ(g·scale + shift)·scale + offset`
-    giving `σ(i), tanh(j), σ(f + forget_bias), σ(o)` for gate pre-activations `g`."""
+def _gate_constants(gates: tuple[str, ...], num_units: int, forget_bias: float, dtype) -> tuple[Array, Array, Array]:
+    """`(scale, shift, offset)`, each `[G]` (`G = len(gates)·H`), with
+    `σ(g·scale + shift)·scale + offset` giving `σ(i), tanh(j), σ(f + forget_bias), σ(o)`
+    (those of `gates`, in their order) for gate pre-activations `g`."""
 
-    def per_gate(i: float, j: float, f: float, o: float) -> Array:
-        return jnp.repeat(jnp.asarray([i, j, f, o], dtype), num_units)
+    def per_gate(values: dict[str, float], default: float) -> Array:
+        return jnp.repeat(jnp.asarray([values.get(gate, default) for gate in gates], dtype), num_units)
 
-    return per_gate(1, 2, 1, 1), per_gate(0, 0, forget_bias, 0), per_gate(0, -1, 0, 0)
-
-
-def _per_gate(v: Array) -> Array:
-    """`[B, 4H] -> [B, 4, H]`."""
-    return v.reshape(v.shape[:-1] + (4, -1))
+    return per_gate({"j": 2}, 1), per_gate({"f": forget_bias}, 0), per_gate({"j": -1}, 0)
 
 
-def _normalise_per_gate(v: Array, epsilon: float) -> tuple[Array, Array]:
-    """Each gate's `H` pre-activations of `v: [B, 4H]` to zero mean and unit variance:
-    `(normed [B, 4H], 1/σ [B, 4, 1])`."""
-    gates = _per_gate(v)
-    centred = gates - jnp.mean(gates, axis=-1, keepdims=True)
+def _split_gates(acts: Array, gates: tuple[str, ...]) -> tuple[Array, Array, Array, Array]:
+    """`i, j, f, o`, each `[B, H]`, from the gate activations `acts: [B, G]` ordered as
+    `gates`; without an `i` block (CIFG) the input gate is `1 − f`."""
+    split = dict(zip(gates, jnp.split(acts, len(gates), axis=-1)))
+    if "i" not in split:
+        split["i"] = 1 - split["f"]
+    return split["i"], split["j"], split["f"], split["o"]
+
+
+def _per_gate(v: Array, num_gates: int) -> Array:
+    """`[B, G] -> [B, num_gates, H]`."""
+    return v.reshape(v.shape[:-1] + (num_gates, -1))
+
+
+def _normalise(v: Array, epsilon: float) -> tuple[Array, Array]:
+    """`v: [..., n]` to zero mean and unit variance over its last axis: `(normed [..., n],
+    1/σ [..., 1])`."""
+    centred = v - jnp.mean(v, axis=-1, keepdims=True)
     inverse_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
-    return (centred * inverse_std).reshape(v.shape), inverse_std
+    return centred * inverse_std, inverse_std
+
+
+def _normalise_backward(d_normed: Array, normed: Array, inverse_std: Array) -> Array:
+    """The gradient of `_normalise`'s input `[..., n]` from that of its output `d_normed`,
+    given its outputs `normed [..., n]` and `1/σ [..., 1]`."""
+    mean_d = jnp.mean(d_normed, axis=-1, keepdims=True)
+    mean_dn = jnp.mean(d_normed * normed, axis=-1, keepdims=True)
+    return inverse_std * (d_normed - mean_d - normed * mean_dn)
+
+
+def _plus_gain_and_shift(sums: dict[str, Array], prefix: str, d_out: Array, normed: Array) -> dict[str, Array]:
+    """`sums` plus one step's gradients of the gain `{prefix}scale` and the shift
+    `{prefix}shift` of a layer norm `normed·gain + shift`, from `normed: [B, n]` and the
+    gradient of the output `d_out: [B, n]`."""
+    gain, shift = prefix + "scale", prefix + "shift"
+    return {**sums, gain: sums[gain] + jnp.sum(d_out * normed, axis=0), shift: sums[shift] + jnp.sum(d_out, axis=0)}
 
 
 def _forward(options, params, xs, c0, h0, valid):
     """The loop over `xs: [T, B, I]` from `c0: [B, H]`, `h0: [B, R]`, `valid: [T, B]` or
     `None`: outputs `ys [T, B, R]`, the carried states `cs [T, B, H]`, `hs [T, B, R]`
     after every step (`hs` is `ys` without lengths), the gate activations
-    `acts [T, B, 4H]`, with layer norm the normalised gates `[T, B, 4H]` and
-    `1/σ [T, B, 4, 1]`, with a projection its inputs `ms [T, B, H]`, and with clips
-    their derivatives (`[T, B, H]` for the cell, `[T, B, R]` for the projection)."""
-    num_units = params["w_h"].shape[1] // 4
+    `acts [T, B, G]`, with layer norm the normalised gates `[T, B, G]` and
+    `1/σ [T, B, G/H, 1]`, with the cell's layer norm the normalised cells `[T, B, H]` and
+    `1/σ [T, B, 1]`, with a projection its inputs `ms [T, B, H]`, and with clips their
+    derivatives (`[T, B, H]` for the cell, `[T, B, R]` for the projection)."""
+    num_gates = len(options.gates)
+    num_units = params["w_h"].shape[1] // num_gates
     dtype = jnp.result_type(xs, params["w_x"], params["w_h"])
-    scale, shift, offset = _gate_constants(num_units, options.forget_bias, dtype)
+    scale, shift, offset = _gate_constants(options.gates, num_units, options.forget_bias, dtype)
     layer_norm = options.layer_norm_epsilon is not None
+    layer_norm_cell = "ln_cell_scale" in params
     projection = "w_proj" in params
     loop_xs, project = fused.loop_inputs(xs, params["w_x"], options.hoist)
 
@@ -124,28 +169,34 @@ def _forward(options, params, xs, c0, h0, valid):
         x, valid_t = inputs
         v = project(x) + h @ params["w_h"]
         if layer_norm:
-            normed, inverse_std = _normalise_per_gate(v, options.layer_norm_epsilon)
+            normed, inverse_std = _normalise(_per_gate(v, num_gates), options.layer_norm_epsilon)
+            normed = normed.reshape(v.shape)
             v, norms = normed * params["ln_scale"] + params["ln_shift"], (normed, inverse_std)
         else:
             v, norms = v + params["b"], None
         if options.peepholes:  # i and f read the entering cell, o the new one
-            v_i, v_j, v_f, v_o = jnp.split(v, 4, axis=-1)
-            i = jax.nn.sigmoid(v_i + params["w_i_diag"] * c)
-            j = jnp.tanh(v_j)
-            f = jax.nn.sigmoid(v_f + options.forget_bias + params["w_f_diag"] * c)
+            pre = dict(zip(options.gates, jnp.split(v, num_gates, axis=-1)))
+            f = jax.nn.sigmoid(pre["f"] + options.forget_bias + params["w_f_diag"] * c)
+            i = jax.nn.sigmoid(pre["i"] + params["w_i_diag"] * c) if "i" in pre else 1 - f
+            j = jnp.tanh(pre["j"])
             new_c, c_slope = _clipped(f * c + i * j, options.cell_clip)
-            o = jax.nn.sigmoid(v_o + params["w_o_diag"] * new_c)
-            acts = jnp.concatenate([i, j, f, o], axis=-1)
+            o = jax.nn.sigmoid(pre["o"] + params["w_o_diag"] * new_c)
+            acts = jnp.concatenate([dict(i=i, j=j, f=f, o=o)[gate] for gate in options.gates], axis=-1)
         else:
             acts = jax.nn.sigmoid(v * scale + shift) * scale + offset
-            i, j, f, o = jnp.split(acts, 4, axis=-1)
+            i, j, f, o = _split_gates(acts, options.gates)
             new_c, c_slope = _clipped(f * c + i * j, options.cell_clip)
-        m = o * jnp.tanh(new_c)
+        if layer_norm_cell:  # the state keeps the un-normalised cell
+            c_normed, c_inverse_std = _normalise(new_c, options.layer_norm_epsilon)
+            m = o * jnp.tanh(c_normed * params["ln_cell_scale"] + params["ln_cell_shift"])
+            cell_norms = (c_normed, c_inverse_std)
+        else:
+            m, cell_norms = o * jnp.tanh(new_c), None
         if projection:
             new_h, h_slope = _clipped(m @ params["w_proj"], options.proj_clip)
         else:
             new_h, h_slope = m, None
-        saved = (acts, norms, m if projection else None, (c_slope, h_slope))
+        saved = (acts, norms, cell_norms, m if projection else None, (c_slope, h_slope))
         if valid_t is None:  # the outputs are the states
             return (new_c, new_h), (new_h, new_c, None, saved)
         keep = valid_t[:, None]
@@ -168,66 +219,77 @@ def _clipped(v: Array, clip: Optional[float]) -> tuple[Array, Optional[Array]]:
 
 def _backward(options, residuals, cotangents):
     """The reverse loop carries `(dc, dh)` (and the sums of the gradients of the layer
-    norm's gain and shift) and writes `dv_t`, the gradient of `x_t·W_x + h_{t-1}·W_h`,
+    norms' gains and shifts) and writes `dv_t`, the gradient of `x_t·W_x + h_{t-1}·W_h`,
     with a projection that of its output, and with peepholes and layer norm the gates'
     gradient; the gradients of `W_x`, `W_h`, `W_proj`, the peepholes, `b` and `xs`
     follow from all of them at once."""
-    (params, xs, c0, h0, valid), (cs, hs, (acts, norms, ms, slopes)) = residuals
+    (params, xs, c0, h0, valid), (cs, hs, (acts, norms, cell_norms, ms, slopes)) = residuals
     d_ys, (d_c_final, d_h_final) = cotangents
-    num_units = params["w_h"].shape[1] // 4
-    is_j = (jnp.arange(4 * num_units) // num_units) == 1
+    num_gates = len(options.gates)
+    num_units = params["w_h"].shape[1] // num_gates
+    is_j = (jnp.arange(num_gates * num_units) // num_units) == options.gates.index("j")
     c_prev = fused.states_before(c0, cs)
     w_h_t = params["w_h"].T
     layer_norm = options.layer_norm_epsilon is not None
     projection = "w_proj" in params
 
     def step(carry, inputs):
-        dc, dh, (d_gain, d_shift) = carry
-        d_y, c, c_before, (c_slope, h_slope), a, norms_t, valid_t = inputs
-        i, j, f, o = jnp.split(a, 4, axis=-1)
+        dc, dh, sums = carry
+        d_y, c, c_before, (c_slope, h_slope), a, norms_t, cell_norms_t, valid_t = inputs
+        i, j, f, o = _split_gates(a, options.gates)
         dh_total = dh + (d_y if valid_t is None else jnp.where(valid_t[:, None], d_y, 0.0))
         if projection:  # back through clip(m·W_proj)
             d_out = dh_total if h_slope is None else dh_total * h_slope
             d_m = d_out @ params["w_proj"].T
         else:
             d_out, d_m = None, dh_total
-        tanh_c = jnp.tanh(c)
-        dc_total = dc + d_m * o * (1 - tanh_c * tanh_c)
+        if cell_norms_t is None:
+            tanh_c = jnp.tanh(c)
+            dc_total, d_cell_out = dc + d_m * o * (1 - tanh_c * tanh_c), None
+        else:  # back through `tanh(normed·gain + shift)`, then the normalisation
+            c_normed, c_inverse_std = cell_norms_t
+            tanh_c = jnp.tanh(c_normed * params["ln_cell_scale"] + params["ln_cell_shift"])
+            d_cell_out = d_m * o * (1 - tanh_c * tanh_c)
+            dc_total = dc + _normalise_backward(d_cell_out * params["ln_cell_scale"], c_normed, c_inverse_std)
         if options.peepholes:
             dc_total = dc_total + d_m * tanh_c * o * (1 - o) * params["w_o_diag"]
         if c_slope is not None:  # back through the cell's clip
             dc_total = dc_total * c_slope
-        d_acts = jnp.concatenate([dc_total * j, dc_total * i, dc_total * c_before, d_m * tanh_c], axis=-1)
+        d_f = dc_total * (c_before if "i" in options.gates else c_before - j)  # CIFG: c' = f·c + (1 − f)·j
+        d_acts = dict(i=dc_total * j, j=dc_total * i, f=d_f, o=d_m * tanh_c)
+        d_acts = jnp.concatenate([d_acts[gate] for gate in options.gates], axis=-1)
         dg = d_acts * jnp.where(is_j, 1 - a * a, a * (1 - a))  # of the gates' pre-activations
         dc_prev = dc_total * f
         if options.peepholes:  # i and f read the entering cell
-            d_i, _, d_f, _ = jnp.split(dg, 4, axis=-1)
-            dc_prev = dc_prev + d_i * params["w_i_diag"] + d_f * params["w_f_diag"]
+            d_gates = dict(zip(options.gates, jnp.split(dg, num_gates, axis=-1)))
+            dc_prev = sum((d_gates[gate] * params[PEEPHOLES[gate]] for gate in ("i", "f") if gate in d_gates), dc_prev)
         if valid_t is not None:  # a skipped step passes the state's gradient through
             keep = valid_t[:, None]
             dg = jnp.where(keep, dg, 0.0)
-            d_out = None if d_out is None else jnp.where(keep, d_out, 0.0)
+            d_out, d_cell_out = (None if d is None else jnp.where(keep, d, 0.0) for d in (d_out, d_cell_out))
             dc_prev = jnp.where(keep, dc_prev, dc)
             dh = jnp.where(keep, 0.0, dh)
         else:
             dh = 0.0
+        if d_cell_out is not None:
+            sums = _plus_gain_and_shift(sums, "ln_cell_", d_cell_out, c_normed)
         d_peephole_gates = dg if options.peepholes and layer_norm else None  # without layer norm: dv
         if layer_norm:  # back through `normed·gain + shift`, then the normalisation
             normed, inverse_std = norms_t
-            d_gain, d_shift = d_gain + jnp.sum(dg * normed, axis=0), d_shift + jnp.sum(dg, axis=0)
-            g = _per_gate(dg * params["ln_scale"])
-            n = _per_gate(normed)
-            dv = inverse_std * (g - jnp.mean(g, axis=-1, keepdims=True) - n * jnp.mean(g * n, axis=-1, keepdims=True))
+            sums = _plus_gain_and_shift(sums, "ln_", dg, normed)
+            dv = _normalise_backward(
+                _per_gate(dg * params["ln_scale"], num_gates), _per_gate(normed, num_gates), inverse_std
+            )
             dg = dv.reshape(dg.shape)
-        new_carry = (dc_prev, dg @ w_h_t + dh, (d_gain, d_shift))
+        new_carry = (dc_prev, dg @ w_h_t + dh, sums)
         new_carry = jax.tree.map(lambda new, old: new.astype(old.dtype), new_carry, carry)
         return new_carry, (dg, d_peephole_gates, d_out)
 
-    zeros = jnp.zeros((4 * num_units,), acts.dtype)
-    (dc0, dh0, (d_gain, d_shift)), (dvs, d_peephole_gates, d_outs) = jax.lax.scan(
+    sums = {key: jnp.zeros(params[key].shape, acts.dtype) for key in params if key.startswith("ln_")}  # gains, shifts
+    (dc0, dh0, sums), (dvs, d_peephole_gates, d_outs) = jax.lax.scan(
         step,
-        (d_c_final, d_h_final, (zeros, zeros)),
-        (d_ys, cs, c_prev, slopes, acts, norms, valid),
+        (d_c_final, d_h_final, sums),
+        (d_ys, cs, c_prev, slopes, acts, norms, cell_norms, valid),
         reverse=True,
         unroll=options.unroll,
     )
@@ -235,14 +297,14 @@ def _backward(options, residuals, cotangents):
         "w_x": fused.summed_over_steps(xs, dvs),
         "w_h": fused.summed_over_steps(fused.states_before(h0, hs), dvs),
     }
-    if layer_norm:
-        d_params.update(ln_scale=d_gain, ln_shift=d_shift)
-    else:
+    d_params.update(sums)
+    if not layer_norm:
         d_params["b"] = jnp.sum(dvs, axis=(0, 1))
     if options.peepholes:  # i and f read the entering cell, o the new one
-        d_i, _, d_f, d_o = jnp.split(dvs if d_peephole_gates is None else d_peephole_gates, 4, axis=-1)
-        for key, d_gate, cell in zip(PEEPHOLES, (d_i, d_f, d_o), (c_prev, c_prev, cs)):
-            d_params[key] = jnp.sum(d_gate * cell, axis=(0, 1))
+        d_gates = jnp.split(dvs if d_peephole_gates is None else d_peephole_gates, num_gates, axis=-1)
+        for gate, d_gate in zip(options.gates, d_gates):
+            if gate in PEEPHOLES:
+                d_params[PEEPHOLES[gate]] = jnp.sum(d_gate * (cs if gate == "o" else c_prev), axis=(0, 1))
     if projection:
         d_params["w_proj"] = fused.summed_over_steps(ms, d_outs)
     return fused.like((d_params, dvs @ params["w_x"].T, dc0, dh0), (params, xs, c0, h0)) + (None,)
