@@ -31,6 +31,18 @@ def summed_over_steps(inputs: Array, grads: Array) -> Array:
     return inputs.reshape(-1, inputs.shape[-1]).T @ grads.reshape(-1, grads.shape[-1])
 
 
+def blocks(values: list[Array]) -> Array:
+    """`[B, n·H]` whose `k`-th block of `H` columns is `values[k]` (each `[B, H]`): the
+    result of `jnp.concatenate(values, axis=-1)`, as a select over a block axis, which
+    XLA:CPU fuses with the elementwise work around it (a concatenate runs on its own,
+    after a fusion for each of its operands)."""
+    block = jnp.arange(len(values))[:, None]  # [n, 1]
+    out = values[-1][..., None, :]
+    for k in range(len(values) - 2, -1, -1):
+        out = jnp.where(block == k, values[k][..., None, :], out)
+    return out.reshape(out.shape[:-2] + (-1,))
+
+
 def loop_inputs(xs: Array, w_x: Array, hoist: bool) -> tuple[Array, Callable[[Array], Array]]:
     """What a forward loop reads at each step, and how it gets `x_t·W_x` from that.
 
