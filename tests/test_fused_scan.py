@@ -16,6 +16,7 @@ from jax.test_util import check_grads
 import rnnlab
 import rnnlab.linen
 from rnnlab.cells import basic_rnn, gru, lstm
+from rnnlab.cells.fused import blocks
 
 B, T, I, H = 4, 6, 3, 5
 LENGTHS = jnp.array([6, 0, 2, 4], jnp.int32)
@@ -272,3 +273,9 @@ def test_the_default_runs_the_fused_scan_hoisted_on_accelerators_only(monkeypatc
     rnnlab.unroll(spy, params, xs, remat=True)  # rematerialised: autodiff of the step
     rnnlab.unroll(spy, params, xs, fused=False)
     assert calls == [hoisted, not hoisted]
+
+
+@pytest.mark.parametrize("count", [1, 3, 4])
+def test_blocks_equals_concatenate(count):
+    values = [jax.random.normal(jax.random.PRNGKey(k), (B, H)) for k in range(count)]
+    np.testing.assert_array_equal(blocks(values), jnp.concatenate(values, axis=-1))
