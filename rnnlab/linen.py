@@ -155,7 +155,7 @@ class Bidirectional(_RNNBase):
 
     Params: `{"fw": cell_fw.init(...), "bw": cell_bw.init(...)}`, the layout
     `rnnlab.bidirectional` takes. Give the same cell object as `cell_fw` and `cell_bw`
-    to run both directions in one loop (see `rnnlab.bidirectional`).
+    to run both directions in one loop where that is faster (see `rnnlab.bidirectional`).
     """
 
     cell_fw: RNNCell

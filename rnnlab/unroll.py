@@ -149,6 +149,11 @@ def _unroll_layerwise(layers, params, xs, initial_state, lengths, method, unroll
     return xs, tuple(finals)
 
 
+def _runs_fused(cell: RNNCell, method: str, remat: bool, fused: Optional[bool]) -> bool:
+    """Whether `unroll` runs `cell` by its fused scan."""
+    return fused is not False and cell.fused_scan is not None and method == "scan" and not remat
+
+
 def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hoist, fused):
     """The sequential loop over time-major `xs: [T, B, I]` for one (non-stacked) cell."""
     if fused and cell.fused_scan is None:
@@ -160,8 +165,7 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
         hoist = cell.linear_recurrence is not None or jax.default_backend() != "cpu"
     if hoist and method == "scan" and cell.linear_recurrence is not None:
         return linear_unroll(cell, params, xs, state, lengths, parallel=False, unroll=unroll)
-    use_fused = fused is not False and cell.fused_scan is not None and method == "scan" and not remat
-    if use_fused and xs.shape[0] > 0:
+    if _runs_fused(cell, method, remat, fused) and xs.shape[0] > 0:
         return cell.fused_scan(params, xs, state, lengths, unroll, hoist and cell.can_hoist)
     if hoist and cell.can_hoist:
         zs = cell.input_projection(params, xs)
@@ -307,7 +311,9 @@ def bidirectional(
 
     Passing one cell object for both directions (`bidirectional(cell, cell, ...)`, each
     with its own params) runs them in ONE loop, vmapped over a direction axis: half
-    the sequential steps, with the same numbers as two loops.
+    the sequential steps, with the same numbers as two loops. On CPU, a cell that runs
+    its fused scan keeps two loops, which measured 1.0-1.23x faster there
+    (docs/benchmarks.md).
 
     Args:
       params: `{"fw": ..., "bw": ...}` (see `init_bidirectional`).
@@ -322,7 +328,7 @@ def bidirectional(
     if merge not in ("concat", "none"):
         raise ValueError(f"merge must be 'concat' or 'none', got {merge!r}.")
     rng_fw, rng_bw = (None, None) if rng is None else tuple(jax.random.split(rng))
-    if cell_fw is cell_bw:
+    if cell_fw is cell_bw and _directions_in_one_loop(cell_fw, unroll_kwargs):
         ys_fw, ys_bw, final_fw, final_bw = _fused_directions(
             cell_fw, params, inputs, lengths, initial_states, (rng_fw, rng_bw), time_major, unroll_kwargs
         )
@@ -390,6 +396,15 @@ def _check_layer_lists(cells_fw: list[RNNCell], cells_bw: list[RNNCell]) -> None
         raise ValueError(
             f"cells_fw and cells_bw must have the same number of layers, got {len(cells_fw)} and {len(cells_bw)}."
         )
+
+
+def _directions_in_one_loop(cell: RNNCell, unroll_kwargs: dict[str, Any]) -> bool:
+    """Whether `bidirectional(cell, cell, ...)` runs both directions in one loop: not on
+    CPU when the cell runs its fused scan, where two loops measured faster."""
+    runs_fused = _runs_fused(
+        cell, unroll_kwargs.get("method", "scan"), unroll_kwargs.get("remat", False), unroll_kwargs.get("fused")
+    )
+    return not (runs_fused and jax.default_backend() == "cpu")
 
 
 def _fused_directions(

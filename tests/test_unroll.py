@@ -384,9 +384,11 @@ def test_bidirectional_with_dropout_is_reproducible_from_its_key() -> None:
     ],
     ids=["lstm", "stack", "lru"],
 )
-def test_one_cell_for_both_directions_runs_them_in_one_loop_with_the_same_numbers(cell, options) -> None:
+def test_one_cell_for_both_directions_runs_them_in_one_loop_with_the_same_numbers(cell, options, monkeypatch) -> None:
     """`bidirectional(cell, cell, ...)` runs both directions in one vmapped loop; a
-    copy of the cell (another object) runs them one after the other."""
+    copy of the cell (another object) runs them one after the other. (On CPU a fused
+    scan keeps two loops: the backend is patched to one where it does not.)"""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     params = rnnlab.init_bidirectional(cell, cell, jax.random.PRNGKey(6), I)
     xs = random_inputs(7)
     if options.get("time_major"):
@@ -405,6 +407,21 @@ def test_one_cell_for_both_directions_runs_them_in_one_loop_with_the_same_number
     for function in (lambda p, c: rnnlab.bidirectional(cell, c, p, xs, initial_states=(None, initial_bw), **options),
                      jax.grad(loss)):
         assert_trees_close(function(params, cell), function(params, copy), METHOD_RTOL)
+
+
+@pytest.mark.parametrize(
+    "backend, options, loops",
+    [("cpu", dict(), 2), ("gpu", dict(), 1), ("cpu", dict(fused=False), 1), ("cpu", dict(remat=True), 1)],
+    ids=["cpu_fused", "gpu_fused", "cpu_autodiff", "cpu_remat"],
+)
+def test_one_cell_for_both_directions_keeps_two_loops_only_for_a_fused_scan_on_cpu(
+    backend, options, loops, monkeypatch
+) -> None:
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    cell = lstm(5)
+    params = rnnlab.init_bidirectional(cell, cell, jax.random.PRNGKey(6), I)
+    jaxpr = jax.make_jaxpr(lambda p, xs: rnnlab.bidirectional(cell, cell, p, xs, **options))(params, random_inputs(7))
+    assert str(jaxpr).count("scan[") == loops
 
 
 @functools.lru_cache(maxsize=None)
