@@ -312,8 +312,8 @@ def bidirectional(
     Passing one cell object for both directions (`bidirectional(cell, cell, ...)`, each
     with its own params) runs them in ONE loop, vmapped over a direction axis: half
     the sequential steps, with the same numbers as two loops. On CPU, a cell that runs
-    its fused scan keeps two loops, which measured 1.0-1.23x faster there
-    (docs/benchmarks.md).
+    its fused scan keeps two loops, which ran 0.97-1.23x the speed of one loop there,
+    faster in most cases measured (docs/benchmarks.md).
 
     Args:
       params: `{"fw": ..., "bw": ...}` (see `init_bidirectional`).
