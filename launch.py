@@ -43,6 +43,10 @@ flags.DEFINE_string("coordinator_address", None,
 flags.DEFINE_integer("num_processes", None, "Multi-process runs: how many processes (one per host).", lower_bound=1)
 flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index, 0 to num_processes - 1.",
                      lower_bound=0)
+flags.DEFINE_bool("reuse_host_memory", True,
+                  "Reuse freed host memory (glibc) instead of returning it to the system, so that XLA:CPU's "
+                  "per-call temporaries cost no page faults; runs JAX's CPU computations on the calling thread "
+                  "(rnnlab.host_memory).")
 FLAGS = flags.FLAGS
 
 
@@ -97,7 +101,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str]) -> None:
     from experiments import registry
-    from rnnlab import distributed
+    from rnnlab import distributed, host_memory
     from rnnlab.train import NonFiniteLossError
 
     if len(argv) > 1:
@@ -107,6 +111,8 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.list:
         print(list_experiments())
         return
+    if FLAGS.reuse_host_memory:  # before the first JAX computation
+        host_memory.reuse_freed_memory()
     try:  # before anything touches a device
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as error:

@@ -1,6 +1,6 @@
 """rnnlab: recurrent neural networks as pure JAX functions."""
 
-from rnnlab import cells
+from rnnlab import cells, host_memory
 from rnnlab.cells.base import RNNCell
 from rnnlab.unroll import (
     batched_initial_state,

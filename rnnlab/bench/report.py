@@ -104,7 +104,9 @@ def markdown_report(payload: dict[str, Any], results: list[Result], plots: list[
         f"Backend `{env['backend']}` ({env['processor']}, {env['cpu_count']} cores), jax {env['jax']}, "
         f"flax {env['flax']}, haiku {env['haiku']}, torch {env['torch']}. "
         f"Load average at start {env['load_average_start'][0]:.1f}, at end {env['load_average_end'][0]:.1f} "
-        "(a shared machine: compare rows of one table, which were timed interleaved).",
+        "(a shared machine: compare rows of one table, which were timed interleaved). "
+        + ("Freed host memory reused (`rnnlab.host_memory`)." if env.get("host_memory_reused")
+           else "Host memory allocator as the system sets it."),
         "",
         "Times are per call: median over all timed calls, min-max and interquartile range; "
         "compile is trace + lower + XLA compile of the first call, reported apart. "

@@ -110,6 +110,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "host_memory_reused": rnnlab.host_memory.freed_memory_reused(),
         "load_average_start": list(os.getloadavg()),
     }
     for module, distribution in (("haiku", "dm-haiku"), ("torch", "torch")):

@@ -1,0 +1,71 @@
+"""`rnnlab.host_memory`: a program's temporaries are reused without page faults, and
+the bench's flag turns it off.
+
+The allocator is changed for the whole process, so the page-fault cases each run in a
+subprocess of their own."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rnnlab import host_memory
+from rnnlab.bench import __main__ as bench_main
+
+TEMPORARY_BYTES = 30 * 2**20 * 4  # 120 MB: over both of glibc's limits, 32 MB (main heap) and 64 MB (other threads)
+
+# A jitted loop whose stacked outputs (`[30, 2**20]`, read strided) are a temporary of
+# the program; prints the page faults of three calls after three warm-up calls.
+_FAULTS_OF_CALLS = textwrap.dedent(
+    """
+    import resource, sys
+    import jax, jax.numpy as jnp
+    from rnnlab import host_memory
+    if sys.argv[1] == "reuse":
+        assert host_memory.reuse_freed_memory()
+
+    @jax.jit
+    def strided_sums(x):  # x: [2**20]
+        _, rows = jax.lax.scan(lambda c, _: (c + 1.0, x * c), 0.0, None, length=30)
+        return rows[:, ::1024].sum(axis=0)
+
+    x = jnp.ones(2**20)
+    for _ in range(3):
+        strided_sums(x).block_until_ready()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        strided_sums(x).block_until_ready()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+)
+
+
+def faults_of_calls(mode: str) -> int:
+    process = subprocess.run([sys.executable, "-c", _FAULTS_OF_CALLS, mode], capture_output=True, text=True,
+                             timeout=300)
+    assert process.returncode == 0, process.stderr
+    return int(process.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_a_programs_temporaries_are_reused_without_page_faults():
+    pages = TEMPORARY_BYTES // 4096
+    reused, default = faults_of_calls("reuse"), faults_of_calls("default")
+    assert reused < pages // 100, (reused, pages)
+    assert default > 2 * pages, (default, pages)  # glibc's default: unmapped, and faulted in again at every call
+
+
+def test_other_c_libraries_are_left_alone(monkeypatch):
+    monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("", ""))
+    assert host_memory.reuse_freed_memory() is False
+    assert host_memory.freed_memory_reused() is False
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--reuse_host_memory=false"], False)])
+def test_bench_flag_turns_it_off(flag, expected):
+    _, _, reuse_host_memory = bench_main.parse_args(["--shapes=8x5x3x4", *flag])
+    assert reuse_host_memory is expected
