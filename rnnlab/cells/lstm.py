@@ -25,7 +25,7 @@ from rnnlab.cells.base import (
     glorot_uniform,
     orthogonal,
 )
-from rnnlab.cells.lstm_scan import lstm_fused_scan
+from rnnlab.cells.lstm_scan import lstm_fused_scan, normalise
 
 LAYER_NORM_EPSILON = 1e-5
 """Added to the variance in every layer norm of the LSTM (TF1's contrib layer norm uses
@@ -47,12 +47,10 @@ class LSTMState(NamedTuple):
 
 
 def _layer_norm(v: Array, scale: Array, shift: Array) -> Array:
-    """Normalises `v` over its last axis to zero mean and unit variance, then applies
-    `scale` and `shift` (broadcast against `v`)."""
-    mean = jnp.mean(v, axis=-1, keepdims=True)
-    centred = v - mean
-    variance = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-    return centred * jax.lax.rsqrt(variance + LAYER_NORM_EPSILON) * scale + shift
+    """Normalises `v` over its last axis to zero mean and unit variance (as the fused
+    scan does, `rnnlab.cells.lstm_scan.normalise`), then applies `scale` and `shift`
+    (broadcast against `v`)."""
+    return normalise(v, LAYER_NORM_EPSILON)[0] * scale + shift
 
 
 _recomputed_layer_norm = jax.checkpoint(_layer_norm)
@@ -114,7 +112,8 @@ def lstm(
       the output activation, `h' = σ(o + w_o⊙c')·act(LN_c(c'))`. Unlike TF1's cell,
       whose state keeps `LN_c(c')`, the state here keeps the un-normalised `c'`, as in
       Ba et al.; peepholes read that state. The variance epsilon is
-      `LAYER_NORM_EPSILON`.
+      `LAYER_NORM_EPSILON`; the variance takes one pass, `E[v²] − E[v]²`
+      (`rnnlab.cells.lstm_scan.normalise`).
 
     Every option combines with every other. Invalid settings raise `ValueError`:
     a non-positive `num_units` or `num_proj`, a non-positive `cell_clip`/`proj_clip`,
