@@ -69,3 +69,22 @@ def test_other_c_libraries_are_left_alone(monkeypatch):
 def test_bench_flag_turns_it_off(flag, expected):
     _, _, reuse_host_memory = bench_main.parse_args(["--shapes=8x5x3x4", *flag])
     assert reuse_host_memory is expected
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_a_late_call_warns():
+    code = textwrap.dedent(
+        """
+        import warnings
+        import jax.numpy as jnp
+        from rnnlab import host_memory
+        jnp.ones(3).block_until_ready()  # JAX's backends start here
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            host_memory.reuse_freed_memory()
+        print("|".join(str(warning.message) for warning in caught))
+        """
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert "before the first JAX computation" in process.stdout
