@@ -17,7 +17,8 @@ REUSE_HOST_MEMORY_HELP = (
 )
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, Optional[str]]:
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, str, bool]:
+    """`(config, workdir, reuse_host_memory)` from the command line."""
     parser = argparse.ArgumentParser(prog="python -m rnnlab.bench", description=__doc__)
     parser.add_argument("--workdir", default="bench_results", help="where results.json, report.md and plots go")
     parser.add_argument("--reuse_host_memory", type=_boolean, default=True, help=REUSE_HOST_MEMORY_HELP)
@@ -36,6 +37,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, Optio
 
 
 def _boolean(text: str) -> bool:
+    """A flag value: `1`, `true` or `yes` (any case) is True, anything else False."""
     return text.lower() in ("1", "true", "yes")
 
 
