@@ -71,6 +71,12 @@ def test_bench_flag_turns_it_off(flag, expected):
     assert reuse_host_memory is expected
 
 
+def test_bench_flag_refuses_other_values(capsys):
+    with pytest.raises(SystemExit):
+        bench_main.parse_args(["--reuse_host_memory=ture"])
+    assert "expected true or false, got 'ture'" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_a_late_call_warns():
     code = textwrap.dedent(

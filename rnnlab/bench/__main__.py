@@ -37,8 +37,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, str, 
 
 
 def _boolean(text: str) -> bool:
-    """A flag value: `1`, `true` or `yes` (any case) is True, anything else False."""
-    return text.lower() in ("1", "true", "yes")
+    """A flag value: `1`, `true`, `yes` or `0`, `false`, `no` (any case)."""
+    value = text.lower()
+    if value not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("1", "true", "yes")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
