@@ -11,6 +11,7 @@ Semantics follow TF1's `dynamic_rnn` / `static_rnn`:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import jax
@@ -401,10 +402,9 @@ def _check_layer_lists(cells_fw: list[RNNCell], cells_bw: list[RNNCell]) -> None
 def _directions_in_one_loop(cell: RNNCell, unroll_kwargs: dict[str, Any]) -> bool:
     """Whether `bidirectional(cell, cell, ...)` runs both directions in one loop: not on
     CPU when the cell runs its fused scan, where two loops measured faster."""
-    runs_fused = _runs_fused(
-        cell, unroll_kwargs.get("method", "scan"), unroll_kwargs.get("remat", False), unroll_kwargs.get("fused")
-    )
-    return not (runs_fused and jax.default_backend() == "cpu")
+    defaults = inspect.signature(unroll).parameters
+    method, remat, fused = (unroll_kwargs.get(name, defaults[name].default) for name in ("method", "remat", "fused"))
+    return not (_runs_fused(cell, method, remat, fused) and jax.default_backend() == "cpu")
 
 
 def _fused_directions(
