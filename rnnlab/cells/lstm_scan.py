@@ -171,12 +171,12 @@ def _forward(options, params, xs, c0, h0, valid):
     layer_norm = options.layer_norm_epsilon is not None
     layer_norm_cell = "ln_cell_scale" in params
     projection = "w_proj" in params
-    loop_xs, project = fused.loop_inputs(xs, params["w_x"], options.hoist)
+    loop_xs, preactivations = fused.loop_preactivations(xs, params["w_x"], params["w_h"], options.hoist)
 
     def step(carry, inputs):
         c, h = carry
         x, valid_t = inputs
-        v = project(x) + h @ params["w_h"]
+        v = preactivations(x, h)
         if layer_norm:
             normed, inverse_std = normalise(_per_gate(v, num_gates), options.layer_norm_epsilon)
             normed = normed.reshape(v.shape)
