@@ -68,7 +68,8 @@ def loop_preactivations(
     had a pass of its own (docs/benchmarks.md). Hoisted: as `loop_inputs`, plus `h·W_h`.
     """
     if hoist:
-        return xs @ w_x, lambda projected, h: projected + h @ w_h
+        projected, project = loop_inputs(xs, w_x, hoist)
+        return projected, lambda z, h: project(z) + h @ w_h
     w_xh = jnp.concatenate([w_x, w_h])
     return xs, lambda x, h: jnp.concatenate([x, h], axis=-1) @ w_xh
 
