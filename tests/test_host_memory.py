@@ -44,15 +44,22 @@ _FAULTS_OF_CALLS = textwrap.dedent(
 )
 
 
+GLIBC_ONLY = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+
+
+def output_of_python(code: str, *args: str) -> str:
+    """The stdout of `code` run by a fresh Python process (asserting that it succeeds)."""
+    process = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    return process.stdout
+
+
 def fewest_faults_of_a_call(mode: str) -> int:
     """The fewest page faults of one call: a call may still grow the heap once."""
-    process = subprocess.run([sys.executable, "-c", _FAULTS_OF_CALLS, mode], capture_output=True, text=True,
-                             timeout=300)
-    assert process.returncode == 0, process.stderr
-    return min(int(line) for line in process.stdout.split())
+    return min(int(line) for line in output_of_python(_FAULTS_OF_CALLS, mode).split())
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+@GLIBC_ONLY
 def test_a_programs_temporaries_are_reused_without_page_faults():
     pages = TEMPORARY_BYTES // 4096
     reused, default = fewest_faults_of_a_call("reuse"), fewest_faults_of_a_call("default")
@@ -78,7 +85,7 @@ def test_bench_flag_refuses_other_values(capsys):
     assert "expected true or false, got 'ture'" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+@GLIBC_ONLY
 def test_a_late_call_warns():
     code = textwrap.dedent(
         """
@@ -92,6 +99,4 @@ def test_a_late_call_warns():
         print("|".join(str(warning.message) for warning in caught))
         """
     )
-    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert process.returncode == 0, process.stderr
-    assert "before the first JAX computation" in process.stdout
+    assert "before the first JAX computation" in output_of_python(code)
