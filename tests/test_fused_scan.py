@@ -174,13 +174,57 @@ def test_a_value_exactly_on_a_clip_gets_autodiffs_half_slope(dtype):
     bfloat16); the slope by which the fused backward pass multiplies, for the cell and
     the projection clip alike, must be the same. (Checked on the clip itself: the two
     paths' forward values need not agree to the last bit, so a tie in one is not
-    always a tie in the other.)"""
+    always a tie in the other; the next test builds ties exact in both.)"""
     v = jnp.array([-2.0, -1.5, -1.0, 0.0, 0.3, 1.5, 2.0], dtype)
     clipped, slope = lstm_scan._clipped(v, 1.5)
     np.testing.assert_array_equal(clipped, jnp.clip(v, -1.5, 1.5))
     autodiff_slope = jax.vmap(jax.grad(lambda x: jnp.clip(x, -1.5, 1.5)))(v)
     np.testing.assert_array_equal(slope, autodiff_slope)
     assert slope.dtype == dtype and float(slope[1]) == float(slope[5]) == 0.5
+
+
+def _saturated(params, dtype):
+    """`params` with zero kernels and a bias of 100: every gate is exactly 1 (σ(100) and
+    tanh(100) round to 1 in float32 and bfloat16), so the cell adds exactly 1 per step."""
+    params = {**params, "w_x": jnp.zeros_like(params["w_x"]), "w_h": jnp.zeros_like(params["w_h"])}
+    params["b"] = jnp.full_like(params["b"], 100.0)
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+@pytest.mark.parametrize("fused", [None, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_sequence_that_ends_exactly_on_a_clip_gets_half_the_gradient(fused, dtype):
+    """End to end, with exact ties in both paths: saturated gates make `c_t = c_{t-1} + 1`
+    exactly, and `m = o·tanh(c) = 1` exactly once `c` is large. From `c_0 = -1` the
+    third step lands on `cell_clip = 2`, so `∂c_3/∂c_0 = ½` (no clip is active before);
+    a projection of ones by `W_proj = ¼` lands on `proj_clip = 1`, so each example adds
+    `½·m = ½` to every entry of `∂h/∂W_proj`."""
+    num_units, batch = 4, 2
+    xs = jnp.ones((batch, 3, 2), dtype)
+
+    cell = lstm(num_units, forget_bias=0.0, cell_clip=2.0)
+    params = _saturated(cell.init(jax.random.PRNGKey(0), 2), dtype)
+    state = rnnlab.batched_initial_state(cell, params, batch)
+    state = state._replace(c=jnp.full_like(state.c, -1.0))
+
+    def final_cell(c0):
+        return jnp.sum(rnnlab.unroll(cell, params, xs, initial_state=state._replace(c=c0), fused=fused)[1].c)
+
+    np.testing.assert_array_equal(rnnlab.unroll(cell, params, xs, initial_state=state, fused=fused)[1].c, 2.0)
+    np.testing.assert_array_equal(jax.grad(final_cell)(state.c), 0.5)
+
+    cell = lstm(num_units, forget_bias=0.0, num_proj=3, proj_clip=1.0)
+    params = _saturated(cell.init(jax.random.PRNGKey(0), 2), dtype)
+    params["w_proj"] = jnp.full_like(params["w_proj"], 0.25)
+    state = rnnlab.batched_initial_state(cell, params, batch)
+    state = state._replace(c=jnp.full_like(state.c, 50.0))
+
+    def final_output(w_proj):
+        final = rnnlab.unroll(cell, {**params, "w_proj": w_proj}, xs, initial_state=state, fused=fused)[1]
+        return jnp.sum(final.h)
+
+    np.testing.assert_array_equal(rnnlab.unroll(cell, params, xs, initial_state=state, fused=fused)[1].h, 1.0)
+    np.testing.assert_array_equal(jax.grad(final_output)(params["w_proj"]), 0.5 * batch)
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru", "basic_rnn"])
