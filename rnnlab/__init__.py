@@ -11,6 +11,6 @@ from rnnlab.unroll import (
     stacked_bidirectional,
     unroll,
 )
-from rnnlab.wrappers import DropoutState, dropout, residual, stack
+from rnnlab.wrappers import DropoutState, dropout, new_dropout_keys, residual, stack
 
 __version__ = "0.1.0"

@@ -33,6 +33,13 @@ def stack(cells: Sequence[RNNCell]) -> RNNCell:
             raise TypeError(f"stack: cells[{index}] must be an RNNCell, got {type(cell).__name__}.")
     name = "stack(" + ", ".join(cell.name for cell in cells) + ")"
 
+    def per_layer(values: Sequence[Any], what: str) -> Sequence[Any]:
+        """`values` (params or states), checked to have one entry per layer."""
+        if not isinstance(values, (tuple, list)) or len(values) != len(cells):
+            got = f"{len(values)}" if isinstance(values, (tuple, list)) else f"a {type(values).__name__}"
+            raise ValueError(f"{name}: {what} must be a tuple with one entry per layer ({len(cells)}), got {got}.")
+        return values
+
     def init(key: PRNGKey, input_size: int) -> tuple[Params, ...]:
         params = []
         for cell, layer_key in zip(cells, jax.random.split(key, len(cells))):
@@ -42,7 +49,7 @@ def stack(cells: Sequence[RNNCell]) -> RNNCell:
 
     def initial_state(params: Sequence[Params], rng: Optional[PRNGKey] = None) -> tuple[State, ...]:
         rngs = [None] * len(cells) if rng is None else list(jax.random.split(rng, len(cells)))
-        return tuple(cell.initial_state(p, r) for cell, p, r in zip(cells, params, rngs))
+        return tuple(cell.initial_state(p, r) for cell, p, r in zip(cells, per_layer(params, "params"), rngs))
 
     def steps_above(params, states, y, first_state):
         new_states = [first_state]
@@ -52,6 +59,7 @@ def stack(cells: Sequence[RNNCell]) -> RNNCell:
         return tuple(new_states), y
 
     def step(params, states, x):
+        params, states = per_layer(params, "params"), per_layer(states, "state")
         first_state, y = cells[0].step(params[0], states[0], x)
         return steps_above(params, states, y, first_state)
 
@@ -59,6 +67,7 @@ def stack(cells: Sequence[RNNCell]) -> RNNCell:
         return cells[0].input_projection(params[0], x)
 
     def projected_step(params, states, z):
+        params, states = per_layer(params, "params"), per_layer(states, "state")
         first_state, y = cells[0].projected_step(params[0], states[0], z)
         return steps_above(params, states, y, first_state)
 
@@ -101,13 +110,15 @@ def _drop(key: PRNGKey, x: Array, keep: float) -> Array:
 
 
 def _drop_state(key: PRNGKey, state: State, keep: float) -> State:
-    """Drops every state leaf except LSTM memory cells (fields named `c`), as TF1 does."""
+    """Drops every floating-point state leaf except LSTM memory cells (fields named `c`),
+    as TF1 does; PRNG keys in the state (of dropout cells inside) are left alone."""
     if keep == 1.0:
         return state
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
     keys = jax.random.split(key, max(len(leaves), 1))
+    droppable = lambda path, leaf: jnp.issubdtype(leaf.dtype, jnp.inexact) and not _is_memory_cell(path)
     dropped = [
-        leaf if _is_memory_cell(path) else _drop(leaf_key, leaf, keep)
+        _drop(leaf_key, leaf, keep) if droppable(path, leaf) else leaf
         for (path, leaf), leaf_key in zip(leaves, keys)
     ]
     return jax.tree_util.tree_unflatten(treedef, dropped)
@@ -182,6 +193,40 @@ def dropout(
     )
 
 
+def new_dropout_keys(state: State, rng: PRNGKey) -> State:
+    """`state` with fresh keys, drawn from `rng`, in every `DropoutState` that has one.
+
+    A state carried from one window of a stream to the next (truncated backpropagation
+    through time) keeps its dropout keys, so variational dropout would apply the same
+    masks to the whole stream; re-keying it between windows draws new masks per window,
+    as TF1 does at every `session.run`. Works on one example's state and on batched
+    states (every example gets its own key), on nested dropout cells, and on raw
+    (`PRNGKey`) and typed (`jax.random.key`) keys alike; keys stay of their kind.
+    """
+    nodes, treedef = jax.tree.flatten(state, is_leaf=lambda node: isinstance(node, DropoutState))
+    renewed = []
+    for node, node_rng in zip(nodes, jax.random.split(rng, max(len(nodes), 1))):
+        if isinstance(node, DropoutState):
+            inner_rng, key_rng = jax.random.split(node_rng)
+            key = None if node.key is None else _keys_like(node.key, key_rng)
+            node = DropoutState(new_dropout_keys(node.cell, inner_rng), key)
+        renewed.append(node)
+    return jax.tree.unflatten(treedef, renewed)
+
+
+def _keys_like(keys: PRNGKey, rng: PRNGKey) -> PRNGKey:
+    """New keys from `rng` with the shape and kind (raw or typed) of `keys`."""
+    typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    shape = keys.shape if typed else keys.shape[:-1]
+    fresh = jax.random.split(rng, shape)
+    fresh_typed = jnp.issubdtype(fresh.dtype, jax.dtypes.prng_key)
+    if typed and not fresh_typed:
+        return jax.random.wrap_key_data(fresh)
+    if fresh_typed and not typed:
+        return jax.random.key_data(fresh)
+    return fresh
+
+
 def residual(cell: RNNCell) -> RNNCell:
     """TF1's `ResidualWrapper`: output `x + y`; needs `input_size == cell.output_size`.
 
@@ -199,6 +244,11 @@ def residual(cell: RNNCell) -> RNNCell:
 
     def step(params: Params, state: State, x: Array) -> tuple[State, Array]:
         state, y = cell.step(params, state, x)
+        if jnp.shape(x) != jnp.shape(y):
+            raise ValueError(
+                f"{name}: the input {jnp.shape(x)} and the cell's output {jnp.shape(y)} must have "
+                "the same shape to be added."
+            )
         return state, x + y
 
     return RNNCell(

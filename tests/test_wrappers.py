@@ -288,3 +288,91 @@ def test_residual_rejects_an_input_size_other_than_the_output_size() -> None:
     cell = rnnlab.residual(lstm(4))
     with pytest.raises(ValueError, match=r"input_size \(3\) must equal the cell's output_size \(4\)"):
         cell.init(KEY, 3)
+
+
+def test_residual_checks_the_step_shapes_as_well_as_init() -> None:
+    # Params made for the inner cell with another input size skip the check in `init`;
+    # the step must not broadcast `x + y`.
+    cell = rnnlab.residual(gru(4))
+    params = gru(4).init(KEY, 1)
+    with pytest.raises(ValueError, match=r"input \(1,\) and the cell's output \(4,\) must have the same shape"):
+        rnnlab.unroll(cell, params, jnp.ones((B, T, 1)), method="static")
+
+
+# --------------------------------------------------------------------------------------
+# stack: the number of layers
+# --------------------------------------------------------------------------------------
+
+
+def test_stack_rejects_params_or_states_for_another_number_of_layers() -> None:
+    cell = rnnlab.stack([lstm(4), gru(5)])
+    params = cell.init(KEY, I)
+    state = rnnlab.batched_initial_state(cell, params, B)
+    layers = r"must be a tuple with one entry per layer \(2\), got 1"
+    with pytest.raises(ValueError, match="params " + layers):
+        rnnlab.unroll(cell, params[:1], inputs())
+    with pytest.raises(ValueError, match="state " + layers):
+        rnnlab.unroll(cell, params, inputs(), initial_state=state[:1])
+    with pytest.raises(ValueError, match="params " + layers):
+        cell.initial_state(params[:1])
+    with pytest.raises(ValueError, match="params must be a tuple .* got a dict"):
+        cell.step(params[0], cell.initial_state(params), jnp.ones(I))
+
+
+# --------------------------------------------------------------------------------------
+# dropout: nesting, and new keys for a carried state
+# --------------------------------------------------------------------------------------
+
+
+def _nested_dropout_cell(state_keep: float) -> RNNCell:
+    """TF1's pattern of a `DropoutWrapper` around a `MultiRNNCell` of wrapped cells."""
+    return rnnlab.dropout(rnnlab.stack([rnnlab.dropout(gru(4), output_keep=0.7), lstm(3)]), state_keep=state_keep)
+
+
+@pytest.mark.parametrize("key_fn", [jax.random.PRNGKey, jax.random.key], ids=["raw_key", "typed_key"])
+def test_state_dropout_leaves_the_keys_of_inner_dropout_cells_alone(key_fn) -> None:
+    params = _nested_dropout_cell(0.5).init(KEY, I)
+    state = _nested_dropout_cell(0.5).initial_state(params, key_fn(1))
+    new_state, _ = _nested_dropout_cell(0.5).step(params, state, jnp.ones(I))
+    without_state_dropout, _ = _nested_dropout_cell(1.0).step(params, state, jnp.ones(I))
+    inner_key = lambda s: jax.random.key_data(s.cell[0].key)
+    np.testing.assert_array_equal(inner_key(new_state), inner_key(without_state_dropout))
+    for method in ("scan", "static"):
+        ys, _ = rnnlab.unroll(_nested_dropout_cell(0.5), params, inputs(), rng=key_fn(2), method=method)
+        assert ys.shape == (B, T, 3) and np.all(np.isfinite(ys))
+
+
+@pytest.mark.parametrize("key_fn", [jax.random.PRNGKey, jax.random.key], ids=["raw_key", "typed_key"])
+def test_new_dropout_keys_renews_every_key_and_keeps_the_rest(key_fn) -> None:
+    cell = _nested_dropout_cell(0.8)
+    params = cell.init(KEY, I)
+    _, carried = rnnlab.unroll(cell, params, inputs(), rng=key_fn(3), method="static")
+    renewed = rnnlab.new_dropout_keys(carried, jax.random.PRNGKey(4))
+    assert jax.tree.structure(renewed) == jax.tree.structure(carried)
+    for old, new in zip(jax.tree.leaves(carried), jax.tree.leaves(renewed)):
+        assert (old.shape, old.dtype) == (new.shape, new.dtype)
+    keys = lambda s: [jax.random.key_data(k) for k in (s.key, s.cell[0].key)]
+    for old, new in zip(keys(carried), keys(renewed)):
+        assert old.shape[0] == B and not np.any(np.all(np.asarray(old) == np.asarray(new), axis=-1))
+        assert len({tuple(np.asarray(k)) for k in new}) == B  # every example its own key
+    assert_trees_equal(renewed.cell[0].cell, carried.cell[0].cell)  # states untouched
+    key_data = lambda tree: jax.tree.map(
+        lambda leaf: jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf, tree
+    )
+    assert_trees_equal(key_data(renewed), key_data(rnnlab.new_dropout_keys(carried, jax.random.PRNGKey(4))))
+    evaluation = rnnlab.batched_initial_state(cell, params, B)
+    assert_trees_equal(rnnlab.new_dropout_keys(evaluation, jax.random.PRNGKey(4)), evaluation)  # no keys, none added
+
+
+def test_variational_masks_stay_over_a_carried_window_unless_the_keys_are_renewed() -> None:
+    inner, params = identity_cell()
+    cell = rnnlab.dropout(inner, input_keep=0.5, variational=True)
+    _, carried = rnnlab.unroll(cell, params, ones(), rng=jax.random.PRNGKey(5), method="static")
+    first_window_mask, _ = rnnlab.unroll(cell, params, ones(), rng=jax.random.PRNGKey(5), method="static")
+    same, _ = rnnlab.unroll(cell, params, ones(), initial_state=carried, method="static")
+    renewed = rnnlab.new_dropout_keys(carried, jax.random.PRNGKey(6))
+    fresh, _ = rnnlab.unroll(cell, params, ones(), initial_state=renewed, method="static")
+    np.testing.assert_array_equal(same, first_window_mask)
+    for b in range(B):
+        np.testing.assert_array_equal(fresh[b], np.broadcast_to(fresh[b, :1], fresh[b].shape))  # still variational
+        assert np.any(fresh[b, 0] != first_window_mask[b, 0])
