@@ -23,7 +23,9 @@ ONE Flax parameter, `"cell"` (`"fw"` and `"bw"` for `Bidirectional`), and the ca
 Randomness: a cell draws random numbers (dropout) only when its `initial_state` gets a
 key. When `deterministic` is false the modules take that key from Flax's `"dropout"`
 RNG stream (`self.make_rng("dropout")`); when true, or when the cell has no randomness
-at all, they pass `rng=None`, and `deterministic` may then be left out. As with
+at all, they pass `rng=None`, and `deterministic` may then be left out. A given
+`initial_state` brings its own keys (`rnnlab.new_dropout_keys` gives a carried state
+new ones), so no key is drawn for it. As with
 `flax.linen.Dropout`, `deterministic` is given either to the constructor or at call
 time, not both.
 """
@@ -130,7 +132,7 @@ class RNN(_RNNBase):
             raise TypeError(f"RNN.cell must be an rnnlab RNNCell, got {type(self.cell).__name__}.")
         input_size = inputs.shape[-1]
         params = self.param("cell", lambda key: self.cell.init(key, input_size))
-        rng = self._rng([(self.cell, params)], deterministic)
+        rng = None if initial_state is not None else self._rng([(self.cell, params)], deterministic)
         outputs, final = _unroll(
             self.cell,
             params,
@@ -188,7 +190,9 @@ class Bidirectional(_RNNBase):
             "fw": self.param("fw", lambda key: self.cell_fw.init(key, input_size)),
             "bw": self.param("bw", lambda key: self.cell_bw.init(key, input_size)),
         }
-        rng = self._rng([(self.cell_fw, params["fw"]), (self.cell_bw, params["bw"])], deterministic)
+        rng = None
+        if any(state is None for state in initial_states):  # the rng draws only the states not given
+            rng = self._rng([(self.cell_fw, params["fw"]), (self.cell_bw, params["bw"])], deterministic)
         outputs, finals = _bidirectional(
             self.cell_fw,
             self.cell_bw,

@@ -23,6 +23,12 @@ from rnnlab.linear_unroll import linear_unroll
 
 METHODS = ("scan", "static", "associative")
 
+_RNG_OR_INITIAL_STATE = (
+    "rng draws the initial state (e.g. dropout keys), so pass either rng or initial_state; "
+    "build a state with keys with batched_initial_state(..., rng), or give a carried state "
+    "new keys with new_dropout_keys(state, rng)."
+)
+
 
 def unroll(
     cell: RNNCell,
@@ -114,10 +120,7 @@ def unroll(
     if initial_state is None:
         initial_state = batched_initial_state(cell, params, batch_size, rng)
     elif rng is not None:
-        raise ValueError(
-            "rng draws the initial state (e.g. dropout keys), so pass either rng or "
-            "initial_state; build a state with keys with batched_initial_state(..., rng)."
-        )
+        raise ValueError(_RNG_OR_INITIAL_STATE)
     else:
         _check_batched_state(initial_state, batch_size)
     _check_step_shapes(cell, params, initial_state, xs)
@@ -221,14 +224,18 @@ def reverse_sequence(xs: Array, lengths: Optional[Array]) -> Array:
 
     Args:
       xs: time-major `[T, B, ...]`.
-      lengths: `[B]` or `None` (reverse everything).
+      lengths: integer `[B]` or `None` (reverse everything). Values are checked to lie
+        in `[0, T]` when concrete; traced values above `T` count as `T` (as in `unroll`).
     Returns:
       `[T, B, ...]`; steps at `t >= lengths[b]` stay where they are. Applying it twice
       gives back `xs`.
     """
+    if jnp.ndim(xs) < 2:
+        raise ValueError(f"reverse_sequence needs time-major xs [T, B, ...], got shape {tuple(jnp.shape(xs))}.")
     if lengths is None:
         return jnp.flip(xs, axis=0)
     num_steps = xs.shape[0]
+    lengths = jnp.minimum(check_lengths(lengths, xs.shape[1], num_steps), num_steps)
     t = jnp.arange(num_steps)[:, None]  # [T, 1]
     source = jnp.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)  # [T, B]
     source = source.reshape(source.shape + (1,) * (xs.ndim - 2))
@@ -280,9 +287,43 @@ def _check_batched_state(state: State, batch_size: int) -> None:
 
 
 def _check_step_shapes(cell: RNNCell, params: Params, state: State, xs: Array) -> None:
-    """Traces one step abstractly so that shape errors surface with the cell's message."""
+    """Traces one step abstractly, so that shape errors surface with the cell's message,
+    and checks that it returns a state like the one it got (structure, shapes, dtypes),
+    as every unroll method needs: e.g. bfloat16 params give a bfloat16 state, which a
+    float32 input would promote."""
     one_state = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf)[1:], leaf.dtype), state)
-    jax.eval_shape(cell.step, params, one_state, jax.ShapeDtypeStruct(xs.shape[2:], xs.dtype))
+    x = jax.ShapeDtypeStruct(xs.shape[2:], xs.dtype)
+    expected = jax.eval_shape(cell.initial_state, params)  # without keys: comparable unless the cell is random
+    if jax.tree.structure(expected) == jax.tree.structure(one_state):
+        for (path, given), like in zip(jax.tree_util.tree_leaves_with_path(one_state), jax.tree.leaves(expected)):
+            if given.shape != like.shape:
+                raise ValueError(
+                    f"initial_state leaf {jax.tree_util.keystr(path)} must have shape [B] + {list(like.shape)} "
+                    f"for {cell.name}, got [B] + {list(given.shape)}."
+                )
+    try:
+        new_state, _ = jax.eval_shape(cell.step, params, one_state, x)
+    except (TypeError, ValueError, AttributeError) as error:
+        error.add_note(f"(raised by one step of {cell.name} on one example: state {_describe(one_state)}, input {_describe(x)})")
+        raise
+    if jax.tree.structure(new_state) != jax.tree.structure(one_state):
+        raise TypeError(
+            f"initial_state does not have the structure of {cell.name}'s state: got "
+            f"{jax.tree.structure(one_state)}, the step returns {jax.tree.structure(new_state)}."
+        )
+    for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(one_state), jax.tree.leaves(new_state)):
+        if (old.shape, old.dtype) != (new.shape, new.dtype):
+            raise TypeError(
+                f"{cell.name}: one step turns the state leaf {jax.tree_util.keystr(path)} from "
+                f"{_describe(old)} into {_describe(new)} (inputs {_describe(x)}); give the params, the "
+                "inputs and initial_state dtypes that keep the state's, e.g. cast the inputs to the params' dtype."
+            )
+
+
+def _describe(tree: Any) -> str:
+    """`dtype[shape]` of each leaf of `tree` (abstract values included)."""
+    leaves = [f"{leaf.dtype}{list(leaf.shape)}" for leaf in jax.tree.leaves(tree)]
+    return leaves[0] if len(leaves) == 1 else "(" + ", ".join(leaves) + ")"
 
 
 def init_bidirectional(cell_fw: RNNCell, cell_bw: RNNCell, key: PRNGKey, input_size: int) -> Params:
@@ -328,8 +369,11 @@ def bidirectional(
     """
     if merge not in ("concat", "none"):
         raise ValueError(f"merge must be 'concat' or 'none', got {merge!r}.")
+    if rng is not None and all(state is not None for state in initial_states):
+        raise ValueError(_RNG_OR_INITIAL_STATE)
     rng_fw, rng_bw = (None, None) if rng is None else tuple(jax.random.split(rng))
-    if cell_fw is cell_bw and _directions_in_one_loop(cell_fw, unroll_kwargs):
+    rng_fw, rng_bw = (r if state is None else None for r, state in zip((rng_fw, rng_bw), initial_states))
+    if cell_fw == cell_bw and _directions_in_one_loop(cell_fw, unroll_kwargs, initial_states, (rng_fw, rng_bw)):
         ys_fw, ys_bw, final_fw, final_bw = _fused_directions(
             cell_fw, params, inputs, lengths, initial_states, (rng_fw, rng_bw), time_major, unroll_kwargs
         )
@@ -399,12 +443,23 @@ def _check_layer_lists(cells_fw: list[RNNCell], cells_bw: list[RNNCell]) -> None
         )
 
 
-def _directions_in_one_loop(cell: RNNCell, unroll_kwargs: dict[str, Any]) -> bool:
+def _directions_in_one_loop(
+    cell: RNNCell,
+    unroll_kwargs: dict[str, Any],
+    initial_states: tuple[Optional[State], Optional[State]],
+    rngs: tuple[Optional[PRNGKey], Optional[PRNGKey]],
+) -> bool:
     """Whether `bidirectional(cell, cell, ...)` runs both directions in one loop: not on
-    CPU when the cell runs its fused scan, where two loops measured faster."""
+    CPU when the cell runs its fused scan, where two loops measured faster, nor when
+    the two directions' states could differ in structure (one given, the other drawn)."""
     defaults = inspect.signature(unroll).parameters
     method, remat, fused = (unroll_kwargs.get(name, defaults[name].default) for name in ("method", "remat", "fused"))
-    return not (_runs_fused(cell, method, remat, fused) and jax.default_backend() == "cpu")
+    if _runs_fused(cell, method, remat, fused) and jax.default_backend() == "cpu":
+        return False
+    state_fw, state_bw = initial_states
+    if state_fw is not None or state_bw is not None:  # both given, of one structure
+        return jax.tree.structure(state_fw) == jax.tree.structure(state_bw) and None not in initial_states
+    return (rngs[0] is None) == (rngs[1] is None)
 
 
 def _fused_directions(

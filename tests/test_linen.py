@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import flax.linen as nn
@@ -167,3 +168,42 @@ def test_tiny_flax_model_with_an_rnnlab_lstm_learns_the_sign_of_a_sum() -> None:
     assert before > 0.6  # chance level is log 2 = 0.69
     print(f"held-out loss {before:.3f} -> {after:.3f}; train losses {np.round(losses[::10], 3)}")
     assert after < 0.5 * before, (before, after, losses[::10])
+
+
+def test_a_given_initial_state_brings_its_own_dropout_keys_in_training() -> None:
+    # Carrying the final state into the next window (truncated BPTT) with dropout on:
+    # the module draws no key for a given state, as `rnnlab.unroll` takes one or the other.
+    cell = rnnlab.dropout(lstm(4), output_keep=0.5)
+    module = RNN(cell, return_state=True)
+    variables = module.init(jax.random.PRNGKey(1), inputs(), deterministic=True)
+    _, carried = module.apply(variables, inputs(), deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
+    ys, _ = module.apply(
+        variables, inputs(3), initial_state=carried, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)}
+    )
+    expected, _ = rnnlab.unroll(cell, variables["params"]["cell"], inputs(3), initial_state=carried)
+    np.testing.assert_array_equal(ys, expected)
+
+    both = Bidirectional(cell, cell)
+    variables = both.init(jax.random.PRNGKey(1), inputs(), deterministic=True)
+    params = variables["params"]
+    given = rnnlab.batched_initial_state(cell, params["fw"], B, jax.random.PRNGKey(4))
+    outputs = both.apply(
+        variables, inputs(3), initial_states=(given, given), deterministic=False, rngs={"dropout": jax.random.PRNGKey(5)}
+    )
+    expected, _ = rnnlab.bidirectional(cell, cell, params, inputs(3), initial_states=(given, given))
+    np.testing.assert_array_equal(outputs, expected)
+
+
+def test_bidirectional_module_with_one_cell_runs_both_directions_in_one_loop(monkeypatch) -> None:
+    # Flax rebuilds the cell it holds, so the module must compare cells by equality.
+    unroll_module = sys.modules["rnnlab.unroll"]  # `rnnlab.unroll` is the function
+    one_loop = unroll_module._fused_directions
+    calls = []
+    monkeypatch.setattr(unroll_module, "_fused_directions", lambda *a, **k: calls.append(1) or one_loop(*a, **k))
+    cell = gru(3)
+    module = Bidirectional(cell, cell, fused=False)  # fused scans keep two loops on CPU
+    variables = module.init(jax.random.PRNGKey(1), inputs())
+    outputs = module.apply(variables, inputs(3), lengths=LENGTHS)
+    assert len(calls) == 2  # init and apply
+    expected, _ = rnnlab.bidirectional(cell, gru(3), variables["params"], inputs(3), lengths=LENGTHS, fused=False)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-6, atol=1e-6)

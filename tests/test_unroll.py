@@ -621,10 +621,62 @@ def test_initial_state_with_wrong_batch_size_is_rejected() -> None:
         rnnlab.unroll(cell, params, xs, initial_state=unbatched)
 
 
+@pytest.mark.parametrize("method", ["scan", "static"])
+def test_a_state_the_step_would_change_the_dtype_of_is_rejected_by_every_method(method: str) -> None:
+    # bfloat16 params keep a bfloat16 state, which a float32 input promotes: a scan
+    # carry cannot change dtype, so every method refuses it, naming the leaf.
+    cell = lstm(4)
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), cell.init(jax.random.PRNGKey(0), I))
+    with pytest.raises(TypeError, match=r"turns the state leaf \.c from bfloat16\[4\] into float32\[4\]"):
+        rnnlab.unroll(cell, params, random_inputs(1), method=method)
+    ys, _ = rnnlab.unroll(cell, params, random_inputs(1).astype(jnp.bfloat16), method=method)
+    assert ys.dtype == jnp.bfloat16
+
+
+def test_an_initial_state_of_the_wrong_width_or_structure_is_rejected_by_name() -> None:
+    cell, params, xs, _ = case("lstm_peep_proj")  # c: [8], h: [5]
+    with pytest.raises(ValueError, match=r"initial_state leaf \.h must have shape \[B\] \+ \[5\] .* got \[B\] \+ \[8\]"):
+        rnnlab.unroll(cell, params, xs, initial_state=LSTMState(c=jnp.zeros((B, 8)), h=jnp.zeros((B, 8))))
+    with pytest.raises(TypeError, match=r"initial_state does not have the structure of lstm"):
+        rnnlab.unroll(cell, params, xs, initial_state=(jnp.zeros((B, 8)), jnp.zeros((B, 5))))
+
+
 def test_associative_method_rejects_a_nonlinear_cell(rnn_case) -> None:
     cell, params, xs = rnn_case
     with pytest.raises(ValueError, match=r"basic_rnn\(6\) is not a linear recurrence"):
         rnnlab.unroll(cell, params, xs, method="associative")
+
+
+def test_reverse_treats_traced_lengths_above_t_as_t_and_checks_concrete_ones() -> None:
+    # Under jit the lengths' values cannot be checked; a forward run reads a length
+    # above T as T, and the reverse run must too (not gather past the end).
+    cell, params, xs, _ = case("gru")
+    run = jax.jit(lambda lengths: rnnlab.unroll(cell, params, xs, lengths=lengths, reverse=True))
+    too_long, full = jnp.full((B,), T + 3, jnp.int32), jnp.full((B,), T, jnp.int32)
+    assert_trees_close(run(too_long), run(full), rtol=0.0)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T\]=\[0, 7\]"):
+        rnnlab.reverse_sequence(jnp.swapaxes(xs, 0, 1), jnp.full((B,), T + 3))
+    with pytest.raises(TypeError, match="lengths must be an integer array"):
+        rnnlab.reverse_sequence(jnp.swapaxes(xs, 0, 1), jnp.full((B,), 2.0))
+    with pytest.raises(ValueError, match=r"lengths must have shape \[batch_size\]=\[7\], got shape \(4,\)"):
+        rnnlab.reverse_sequence(xs, jnp.full((B,), 2))  # batch-major [4, 7, 3]: 7 examples
+    with pytest.raises(ValueError, match=r"time-major xs \[T, B, ...\]"):
+        rnnlab.reverse_sequence(jnp.ones(T), None)
+
+
+def test_bidirectional_with_one_cell_object_takes_initial_states_as_with_two() -> None:
+    # One cell object runs both directions in one loop (off CPU's fused scans); its
+    # handling of given states and rng must be that of two cell objects.
+    cell, twin = (rnnlab.dropout(basic_rnn(4), input_keep=0.6, output_keep=0.7) for _ in range(2))
+    params = rnnlab.init_bidirectional(cell, cell, jax.random.PRNGKey(0), I)
+    xs, lengths = random_inputs(6), jnp.asarray(LENGTHS)
+    given = rnnlab.batched_initial_state(cell, params["fw"], B, jax.random.PRNGKey(1))
+    for states, rng in [((given, None), None), ((given, None), jax.random.PRNGKey(2)), ((None, given), None)]:
+        run = lambda cell_bw: rnnlab.bidirectional(cell, cell_bw, params, xs, lengths=lengths, initial_states=states, rng=rng)
+        assert_trees_close(run(cell), run(twin), rtol=METHOD_RTOL, atol=ATOL)
+    for cell_bw in (cell, twin):
+        with pytest.raises(ValueError, match="pass either rng or initial_state"):
+            rnnlab.bidirectional(cell, cell_bw, params, xs, initial_states=(given, given), rng=jax.random.PRNGKey(2))
 
 
 def test_bidirectional_rejects_unknown_merge() -> None:
