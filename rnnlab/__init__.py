@@ -2,6 +2,7 @@
 
 from rnnlab import cells, host_memory
 from rnnlab.cells.base import RNNCell
+from rnnlab.cells.lstm import LSTMState
 from rnnlab.unroll import (
     batched_initial_state,
     bidirectional,
@@ -12,5 +13,24 @@ from rnnlab.unroll import (
     unroll,
 )
 from rnnlab.wrappers import DropoutState, dropout, new_dropout_keys, residual, stack
+
+__all__ = [
+    "DropoutState",
+    "LSTMState",
+    "RNNCell",
+    "batched_initial_state",
+    "bidirectional",
+    "cells",
+    "dropout",
+    "host_memory",
+    "init_bidirectional",
+    "init_stacked_bidirectional",
+    "new_dropout_keys",
+    "residual",
+    "reverse_sequence",
+    "stack",
+    "stacked_bidirectional",
+    "unroll",
+]
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ Semantics follow TF1's `dynamic_rnn` / `static_rnn`:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -409,25 +409,58 @@ def stacked_bidirectional(
     inputs: Array,
     *,
     lengths: Optional[Array] = None,
+    initial_states_fw: Optional[Sequence[Optional[State]]] = None,
+    initial_states_bw: Optional[Sequence[Optional[State]]] = None,
     rng: Optional[PRNGKey] = None,
     **kwargs: Any,
 ) -> tuple[Array, tuple[tuple[State, ...], tuple[State, ...]]]:
     """TF1's `stack_bidirectional_dynamic_rnn`: bidirectional layers, each reading the
     concatenated forward and backward outputs of the layer below.
 
+    Args:
+      initial_states_fw, initial_states_bw: optional sequences with one batched state
+        (or `None`: the cell's initial state, drawn with `rng`) per layer, as TF1's.
+      kwargs: passed to every layer's `bidirectional` (`time_major`, `method`, ...).
+
     Returns:
       `(outputs [B, T, O_fw + O_bw] of the last layer, (finals_fw, finals_bw))` with one
       final state per layer in each tuple.
     """
     _check_layer_lists(cells_fw, cells_bw)
-    if len(params) != len(cells_fw):
-        raise ValueError(f"params has {len(params)} layers but the cell lists have {len(cells_fw)}.")
-    rngs = [None] * len(cells_fw) if rng is None else list(jax.random.split(rng, len(cells_fw)))
+    num_layers = len(cells_fw)
+    if len(params) != num_layers:
+        raise ValueError(f"params has {len(params)} layers but the cell lists have {num_layers}.")
+    for name in ("initial_states", "merge"):
+        if name in kwargs:
+            raise TypeError(
+                f"stacked_bidirectional takes no {name!r}: layers are joined by concatenation, and "
+                "initial states are given per layer as initial_states_fw / initial_states_bw."
+            )
+    states = []
+    for name, given in (("initial_states_fw", initial_states_fw), ("initial_states_bw", initial_states_bw)):
+        if given is None:
+            given = [None] * num_layers
+        if not isinstance(given, (list, tuple)) or len(given) != num_layers:
+            raise ValueError(f"{name} must be a sequence with one state (or None) per layer ({num_layers}).")
+        states.append(given)
+    if rng is not None and all(state is not None for layer_states in states for state in layer_states):
+        raise ValueError(_RNG_OR_INITIAL_STATE)
+    rngs = [None] * num_layers if rng is None else list(jax.random.split(rng, num_layers))
     finals_fw, finals_bw = [], []
     outputs = inputs
-    for cell_fw, cell_bw, layer_params, layer_rng in zip(cells_fw, cells_bw, params, rngs):
+    for cell_fw, cell_bw, layer_params, state_fw, state_bw, layer_rng in zip(cells_fw, cells_bw, params, *states, rngs):
+        if state_fw is not None and state_bw is not None:
+            layer_rng = None  # the layer draws nothing
         outputs, (final_fw, final_bw) = bidirectional(
-            cell_fw, cell_bw, layer_params, outputs, lengths=lengths, rng=layer_rng, merge="concat", **kwargs
+            cell_fw,
+            cell_bw,
+            layer_params,
+            outputs,
+            lengths=lengths,
+            initial_states=(state_fw, state_bw),
+            rng=layer_rng,
+            merge="concat",
+            **kwargs,
         )
         finals_fw.append(final_fw)
         finals_bw.append(final_bw)

@@ -463,6 +463,35 @@ def test_stacked_bidirectional_two_layers_equal_chained_bidirectional_calls() ->
     assert_trees_close(finals_bw, (f_bw0, f_bw1), REF_RTOL)
 
 
+def test_stacked_bidirectional_takes_initial_states_per_layer_as_tf1() -> None:
+    cells_fw, cells_bw, params, xs = stacked_case()  # widths 5, 3 forward; 4, 2 backward
+    lengths = jnp.asarray(LENGTHS)
+    keys = iter(jax.random.split(jax.random.PRNGKey(9), 4))
+    random_state = lambda cell, p: jax.tree.map(
+        lambda leaf: jax.random.normal(next(keys), leaf.shape), rnnlab.batched_initial_state(cell, p, B)
+    )
+    states_fw = [random_state(cells_fw[0], params[0]["fw"]), None]
+    states_bw = [random_state(cells_bw[0], params[0]["bw"]), random_state(cells_bw[1], params[1]["bw"])]
+    ys, (finals_fw, finals_bw) = rnnlab.stacked_bidirectional(
+        cells_fw, cells_bw, params, xs, lengths=lengths, initial_states_fw=states_fw, initial_states_bw=states_bw
+    )
+    expected = xs
+    for layer in range(2):
+        expected, (final_fw, final_bw) = rnnlab.bidirectional(
+            cells_fw[layer], cells_bw[layer], params[layer], expected, lengths=lengths,
+            initial_states=(states_fw[layer], states_bw[layer]),
+        )
+        assert_trees_close(finals_fw[layer], final_fw, rtol=METHOD_RTOL, atol=ATOL)
+        assert_trees_close(finals_bw[layer], final_bw, rtol=METHOD_RTOL, atol=ATOL)
+    np.testing.assert_allclose(ys, expected, rtol=METHOD_RTOL, atol=ATOL)
+    without, _ = rnnlab.stacked_bidirectional(cells_fw, cells_bw, params, xs, lengths=lengths)
+    assert np.abs(np.asarray(ys) - np.asarray(without)).max() > 1e-3  # the states were used
+    with pytest.raises(ValueError, match=r"initial_states_bw must be a sequence with one state \(or None\) per layer \(2\)"):
+        rnnlab.stacked_bidirectional(cells_fw, cells_bw, params, xs, initial_states_bw=states_bw[:1])
+    with pytest.raises(TypeError, match="takes no 'initial_states'"):
+        rnnlab.stacked_bidirectional(cells_fw, cells_bw, params, xs, initial_states=(None, None))
+
+
 def test_stacked_bidirectional_shapes_with_mixed_widths() -> None:
     cells_fw, cells_bw, params, xs = stacked_case()
     # layer 1 reads the concatenation of layer 0's outputs: 5 + 4 features

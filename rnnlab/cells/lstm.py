@@ -109,7 +109,8 @@ def lstm(
       own gain and shift (`ln_scale`, `ln_shift`) before `forget_bias` and the peephole
       terms are added, e.g. `σ(LN_f(f) + forget_bias + w_f⊙c)`.
       `layer_norm_cell=True` (requires `layer_norm`) also normalises the cell before
-      the output activation, `h' = σ(o + w_o⊙c')·act(LN_c(c'))`. Unlike TF1's cell,
+      the output activation, `h' = σ(o + w_o⊙c')·act(LN_c(c'))`; TF1's cell always
+      does, so pass it for TF1's `LayerNormBasicLSTMCell`. Unlike TF1's cell,
       whose state keeps `LN_c(c')`, the state here keeps the un-normalised `c'`, as in
       Ba et al.; peepholes read that state. The variance epsilon is
       `LAYER_NORM_EPSILON`; the variance takes one pass, `E[v²] − E[v]²`
