@@ -360,6 +360,8 @@ def bidirectional(
     Args:
       params: `{"fw": ..., "bw": ...}` (see `init_bidirectional`).
       inputs: `[B, T, I]` (or `[T, B, I]` when `time_major`).
+      initial_states: the batched initial state of each direction, or `None` for the
+        cell's own, drawn with `rng` (which must then leave one to draw).
       merge: `"concat"` gives `[B, T, O_fw + O_bw]`; `"none"` gives the pair `(fw, bw)`.
       unroll_kwargs: passed to `unroll` (`method`, `unroll`, `remat`, `hoist`,
         `block_size`, `fused`).
