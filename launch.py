@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from typing import NoReturn, Optional, Sequence
@@ -57,16 +58,45 @@ def fail(message: str) -> NoReturn:
     sys.exit(1)
 
 
+def expand_flagfiles(argv: Sequence[str]) -> list[str]:
+    """`argv` with every `--flagfile=F` replaced by F's flags, as absl expands them, so
+    that the experiment and the `--config.*` overrides inside a flagfile are seen."""
+    try:
+        return FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+    except flags.Error as error:
+        fail(str(error).replace("ERROR:: ", ""))
+
+
+def _flag_arguments(argv: Sequence[str]) -> list[str]:
+    """The arguments of `argv` that absl reads as flags: up to a bare `--`."""
+    arguments = list(argv[1:])
+    return arguments[:arguments.index("--")] if "--" in arguments else arguments
+
+
 def experiment_from_argv(argv: Sequence[str]) -> str:
-    """The value of `--experiment` in `argv` (the last one wins, as with absl), read
-    before absl parses the flags because the config flag depends on it."""
+    """The value of `--experiment` in `argv` (flagfiles expanded; one or two dashes,
+    `=VALUE` or a separate VALUE; the last one wins, as with absl), read before absl
+    parses the flags because the config flag depends on it."""
     name = DEFAULT_EXPERIMENT
-    for index, arg in enumerate(argv[1:], start=1):
-        if arg.startswith("--experiment="):
-            name = arg.split("=", 1)[1]
-        elif arg == "--experiment" and index + 1 < len(argv):
-            name = argv[index + 1]
+    arguments = _flag_arguments(argv)
+    for index, arg in enumerate(arguments):
+        match = re.fullmatch(r"--?experiment(=(.*))?", arg, re.DOTALL)
+        if match and match.group(1) is not None:
+            name = match.group(2)
+        elif match and index + 1 < len(arguments):
+            name = arguments[index + 1]
     return name
+
+
+def config_override_paths(argv: Sequence[str]) -> list[str]:
+    """The config fields that `argv` overrides (`--config.PATH=VALUE`, `-config.PATH`,
+    `--noconfig.PATH` for booleans), as config_flags reads them."""
+    paths = []
+    for arg in _flag_arguments(argv):
+        match = re.match(r"--?(no)?config\.([^=]+)", arg)
+        if match:
+            paths.append(match.group(2))
+    return paths
 
 
 def list_experiments() -> str:
@@ -79,10 +109,7 @@ def list_experiments() -> str:
 
 def check_config_overrides(argv: Sequence[str], config, experiment: str) -> None:
     """Fails with one line if a `--config.FIELD` of `argv` names no field of `config`."""
-    for arg in argv[1:]:
-        if not arg.startswith("--config."):
-            continue
-        path = arg[len("--config."):].split("=", 1)[0]
+    for path in config_override_paths(argv):
         node = config
         for part in path.split("."):
             if not hasattr(node, "keys") or part not in node:
@@ -150,14 +177,15 @@ def run(argv: Optional[list[str]] = None) -> None:
 
     from experiments import registry
 
-    argv = list(sys.argv if argv is None else argv)
+    argv = expand_flagfiles(sys.argv if argv is None else argv)
     name = experiment_from_argv(argv)
     if "--list" not in argv and name not in registry.names():
         fail(f"unknown experiment {name!r}; known experiments: {', '.join(registry.names())} (see --list)")
     config = registry.get(name if name in registry.names() else DEFAULT_EXPERIMENT).get_config()
     check_config_overrides(argv, config, name)
     try:  # config_flags applies the --config.* overrides of sys.argv here
-        config_flags.DEFINE_config_dict("config", config, "The experiment's config; override fields with --config.FIELD=VALUE.")
+        config_flags.DEFINE_config_dict("config", config, "The experiment's config; override fields with --config.FIELD=VALUE.",
+                                        sys_argv=argv)
     except (flags.Error, ValueError, TypeError, KeyError, AttributeError) as error:
         fail(f"bad --config override: {error}")
     app.run(main, argv=argv, flags_parser=parse_flags)

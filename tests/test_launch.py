@@ -98,3 +98,14 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(data_dir, tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == stopped_at + 2 and results["stop_reason"] == "done"
     assert (workdir / "reading.png").exists()
+
+
+def test_experiment_and_overrides_are_read_from_flagfiles_and_one_dash_flags(tmp_path):
+    """absl accepts `--flagfile=F` and `-experiment=X`: the config must be X's, and the
+    `--config.*` lines of F are checked like those of the command line."""
+    flagfile = tmp_path / "flags"
+    flagfile.write_text("--experiment=sine_lstm\n--config.window=7\n--config.no_such_field=1\n")
+    assert_one_line_error(launch(f"--flagfile={flagfile}"), "unknown config field 'no_such_field'",
+                          "'sine_lstm'", "num_points")
+    assert_one_line_error(launch("-experiment=sine_lstm", "--config.window=7", "--mode=sample"),
+                          "experiment 'sine_lstm' supports --mode=train|eval")
