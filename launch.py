@@ -13,6 +13,14 @@ with one line on stderr and exit status 1. A run stopped by SIGINT/SIGTERM saves
 checkpoint and exits with 128 + the signal number; `--resume` continues it (a second
 Ctrl-C stops at once, without saving).
 
+`--mode=eval|sample` and `--resume` rebuild the model and its data from the run's
+`config.json`, not from the command line: every field keeps its trained value unless
+given again, and a `--config.FIELD` whose value differs from the trained one is
+refused, except the fields that only shape an evaluation
+(`experiments.common.EVAL_FIELDS`: eval_batch_size, sample.*, ...) and, on resume,
+how long and how often it trains, logs, evaluates and saves
+(`experiments.common.RESUME_FIELDS`: num_steps, time_budget_s, ...).
+
 Several hosts: run the same command on every host, one process each, adding
 `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (I = 0 on HOST0)
 and a `--workdir` that every host sees; see docs/scaling.md.
@@ -127,7 +135,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> None:
-    from experiments import registry
+    from ml_collections import config_flags
+
+    from experiments import common, registry
     from rnnlab import distributed, host_memory
     from rnnlab.train import NonFiniteLossError
 
@@ -146,9 +156,17 @@ def main(argv: Sequence[str]) -> None:
         fail(error)
     experiment = registry.get(FLAGS.experiment)
     workdir = FLAGS.workdir or os.path.join("runs", experiment.name)
+    config = FLAGS.config
+    if FLAGS.mode != "train" or FLAGS.resume:  # the run's config.json, with the overrides that may change
+        overrides = config_flags.get_override_values(FLAGS["config"])
+        try:
+            common.check_run_overrides(overrides, workdir, FLAGS.mode, FLAGS.resume)
+            config = common.trained_config_with_overrides(config, workdir, overrides)
+        except ValueError as error:
+            fail(error)
     try:
         results = experiment.run(
-            FLAGS.config,
+            config,
             workdir,
             mode=FLAGS.mode,
             resume=FLAGS.resume,

@@ -336,18 +336,6 @@ def write_samples(path: str, texts: list[str], options: ml_collections.ConfigDic
                     f"top_k {options.top_k or 'all'} ===\n{text}\n\n")
 
 
-def _trained_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """The config a checkpoint in `workdir` was trained with (its `config.json`), with
-    the `sample` fields of `config` (the command line's)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: is {workdir} the workdir of a trained char_lm run?")
-    with open(path) as f:
-        trained = ml_collections.ConfigDict(json.load(f))
-    trained.sample = config.sample
-    return trained
-
-
 def _load_vocab(workdir: str) -> text_data.Vocabulary:
     with open(os.path.join(workdir, VOCAB_FILE), encoding="utf-8") as f:
         return text_data.Vocabulary.from_json(json.load(f))
@@ -369,15 +357,16 @@ def run(
     "train" writes what `rnnlab.train.train` writes (`results.json` with `val_loss`,
     `val_bits_per_char`, `test_loss`, `test_bits_per_char`), `vocab.json`, `curves.png`
     and `samples.txt`. "eval" writes `eval_results.json`. "sample" prints the samples
-    and appends them to `samples.txt`. "eval" and "sample" rebuild the model from the
-    run's `config.json`; only `sample.*` is taken from the command line.
+    and appends them to `samples.txt`. "eval", "sample" and `resume` rebuild the model
+    from the run's `config.json`, taking only `common.EVAL_FIELDS` (`sample.*`,
+    `eval_batch_size`, ...) / `common.RESUME_FIELDS` from `config`.
     """
     common.check_mode(name, mode, ("train", "eval", "sample"))
     if config.shuffle:
         raise ValueError("config.shuffle must be False: the carried state needs the windows of a stream in order.")
+    config = common.config_for_run(config, workdir, mode, resume)
     if mode == "train":
         return _train(config, workdir, resume, data_dir, tfds_data_dir)
-    config = _trained_config(config, workdir)
     vocab = _load_vocab(workdir)
     model = build_model(config, vocab.size)
     params, step = train.restore_params(make_task(model), config, workdir)

@@ -267,9 +267,11 @@ def run(
 
     "train" writes what `rnnlab.train.train` writes plus `curves.png` and `reading.png`;
     "eval" writes `eval_results.json` (`step`, `test_loss`, `test_accuracy`) and
-    `reading.png`.
+    `reading.png`. "eval" and `resume` build the model from the run's `config.json`,
+    taking only `common.EVAL_FIELDS` / `common.RESUME_FIELDS` from `config`.
     """
     common.check_mode(name, mode, ("train", "eval"))
+    config = common.config_for_run(config, workdir, mode, resume)
     task, model = make_task(config)
     test = load_split("test", data_dir, tfds_data_dir)
     if mode == "train":

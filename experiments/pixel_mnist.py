@@ -282,8 +282,11 @@ def run(
 
     "train" writes what `rnnlab.train.train` writes plus `permutation.json` and
     `curves.png`; "eval" writes `eval_results.json` (`step`, `test_loss`, `test_accuracy`).
+    "eval" and `resume` build the model and the pixel order from the run's
+    `config.json`, taking only `common.EVAL_FIELDS` / `common.RESUME_FIELDS` from `config`.
     """
     common.check_mode(name, mode, ("train", "eval"))
+    config = common.config_for_run(config, workdir, mode, resume)
     task, _ = make_task(config)
     test = mnist.load_split("test", data_dir, tfds_data_dir)
     if config.num_test_examples:

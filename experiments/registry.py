@@ -18,7 +18,11 @@ RunFn = Callable[..., dict[str, Any]]
                   data_dir=None, tfds_data_dir=None)
 
 Args:
-  config: the experiment's `ConfigDict` with the command line's `--config.*` overrides.
+  config: the experiment's `ConfigDict` with the command line's `--config.*` overrides;
+    for mode "eval"/"sample" and `resume`, `launch.py` passes the run's `config.json`
+    with the overrides that may change (`common.trained_config_with_overrides`), and
+    the experiment itself takes from `config` only `common.EVAL_FIELDS` /
+    `common.RESUME_FIELDS`, the rest from `config.json` (`common.config_for_run`).
   workdir: the run's directory (`--workdir`, default `runs/<experiment>`).
   mode: "train" (train, evaluate, write plots), "eval" (evaluate the newest checkpoint
     in `workdir`) or "sample" (language models: generate text from the newest

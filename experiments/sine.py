@@ -193,9 +193,12 @@ def run(
     """Trains ("train") or evaluates the newest checkpoint ("eval"); see
     `registry.RunFn`. The data is generated, so `data_dir` and `tfds_data_dir` are
     unused. "train" adds `val_rmse` and `test_rmse` to `results.json`; "eval" writes
-    `eval_results.json`. Both write `predictions.png`."""
+    `eval_results.json`. Both write `predictions.png`. "eval" and `resume` build the
+    model and the series from the run's `config.json`, taking only
+    `common.EVAL_FIELDS` / `common.RESUME_FIELDS` from `config`."""
     del data_dir, tfds_data_dir
     common.check_mode(name, mode, ("train", "eval"))
+    config = common.config_for_run(config, workdir, mode, resume)
     model = build_model(config)
     task = make_task(model)
     splits = make_splits(config)

@@ -148,8 +148,11 @@ def test_training_writes_results_samples_and_vocabulary(trained_run):
 
 
 def test_resume_continues_to_more_steps(trained_run):
+    """As in the README: resuming needs no model fields; they come from config.json."""
     data_dir, workdir, _ = trained_run
-    config = tiny_config(num_layers=1, dropout_keep=0.9, num_steps=8)
+    config = char_lm.get_config()
+    config.update(num_steps=8, time_budget_s=0.0, progress_bar=False)
+    config.sample.update(tiny_config().sample)  # sample.* comes from the given config (the tiny corpus has no 'R')
     results = char_lm.run(config, workdir, data_dir=data_dir, resume=True)
     assert results["steps"] == 8
 

@@ -107,5 +107,24 @@ def test_experiment_and_overrides_are_read_from_flagfiles_and_one_dash_flags(tmp
     flagfile.write_text("--experiment=sine_lstm\n--config.window=7\n--config.no_such_field=1\n")
     assert_one_line_error(launch(f"--flagfile={flagfile}"), "unknown config field 'no_such_field'",
                           "'sine_lstm'", "num_points")
-    assert_one_line_error(launch("-experiment=sine_lstm", "--config.window=7", "--mode=sample"),
-                          "experiment 'sine_lstm' supports --mode=train|eval")
+    assert_one_line_error(launch("-experiment=sine_lstm", "--config.window=7", "--mode=eval",
+                                 f"--workdir={tmp_path / 'none'}"), "no checkpoint in")
+
+
+SINE_TINY = ["--experiment=sine_lstm", "--config.num_points=600", "--config.num_units=4", "--config.window=10",
+             "--config.batch_size=16", "--config.warmup_steps=1", "--config.log_every_steps=2",
+             "--config.progress_bar=false"]
+
+
+def test_eval_and_resume_use_the_trained_config_and_refuse_other_model_fields(tmp_path):
+    workdir = f"--workdir={tmp_path / 'run'}"
+    trained = launch(*SINE_TINY, workdir, "--config.num_steps=4")
+    assert trained.returncode == 0, trained.stderr
+    assert_one_line_error(launch("--experiment=sine_lstm", workdir, "--mode=eval", "--config.window=50"),
+                          "--config.window=50 differs", "(10,", "--mode=eval", "eval_batch_size")
+    assert_one_line_error(launch("--experiment=sine_lstm", workdir, "--resume", "--config.num_units=8"),
+                          "--config.num_units=8 differs", "--resume", "num_steps")
+    # No model fields repeated: they come from config.json; num_steps may change.
+    resumed = launch("--experiment=sine_lstm", workdir, "--resume", "--config.num_steps=6", "--config.window=10")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 6

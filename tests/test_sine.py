@@ -105,6 +105,16 @@ def test_resume_and_eval(trained_run):
         sine.run(tiny_config(), workdir, mode="sample")
 
 
+def test_eval_uses_the_trained_config_not_the_given_one(trained_run):
+    """The window, width and series of the run's config.json, whatever `config` says
+    (launch.py refuses differing overrides); eval-only fields come from `config`."""
+    workdir, _ = trained_run
+    given = sine.get_config()  # window 50, 32 units, 10000 points: all unlike the trained run
+    given.update(eval_batch_size=7, progress_bar=False)
+    default = sine.run(given, workdir, mode="eval")
+    np.testing.assert_allclose(default["test_rmse"], sine.run(tiny_config(), workdir, mode="eval")["test_rmse"])
+
+
 def test_series_fields_reach_the_generator():
     splits = sine.make_splits(tiny_config(frequencies="0.2", amplitudes="", noise_std=0.0, split_fractions="0.5,0.25,0.25"))
     assert len(splits["train"]) == 350
