@@ -396,10 +396,12 @@ def _train(config, workdir, resume, data_dir, tfds_data_dir) -> dict[str, Any]:
         prefix: eval_rows(vocab.encode(splits[split]), config.eval_batch_size, config.bptt_steps)
         for prefix, split in EVAL_SPLITS.items()
     }
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, VOCAB_FILE), "w", encoding="utf-8") as f:
-        json.dump(vocab.to_json(), f)
-    result = train.train(task, config, workdir, train_data, eval_data, resume=resume)
+    if resume and os.path.exists(os.path.join(workdir, VOCAB_FILE)) and _load_vocab(workdir).to_json() != vocab.to_json():
+        raise ValueError(f"the corpus's characters differ from those of {os.path.join(workdir, VOCAB_FILE)}, "
+                         "which the run was trained on; resume it with the same data.")
+    # vocab.json is written by train.train after its workdir checks: a refused run keeps the old one.
+    result = train.train(task, config, workdir, train_data, eval_data, resume=resume,
+                         files={VOCAB_FILE: vocab.to_json()})
     if result.results["stop_reason"] in ("done", "time_budget"):
         plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
         texts = generate(model, result.state.params, vocab, config.sample)

@@ -250,15 +250,23 @@ def make_task(config: ml_collections.ConfigDict) -> tuple[train.Task, mnist.Mode
     return mnist.classification_task(model, config.augment_shift), model
 
 
-def write_permutation(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """`permutation.json` in `workdir`: the seed and the pixel order read (see `pixel_order`)."""
-    os.makedirs(workdir, exist_ok=True)
-    train.write_json(os.path.join(workdir, "permutation.json"), {
+PERMUTATION_FILE = "permutation.json"
+
+
+def permutation_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The contents of `permutation.json`: the seed and the pixel order read (see `pixel_order`)."""
+    return {
         "permuted": bool(config.permuted),
         "permutation_seed": int(config.permutation_seed),
         "pixel_stride": int(config.pixel_stride),
         "order": pixel_order(config).tolist(),
-    })
+    }
+
+
+def write_permutation(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """`permutation.json` in `workdir` (see `permutation_record`)."""
+    os.makedirs(workdir, exist_ok=True)
+    train.write_json(os.path.join(workdir, PERMUTATION_FILE), permutation_record(config))
 
 
 def _unroll_method(config: ml_collections.ConfigDict) -> str:
@@ -293,8 +301,9 @@ def run(
         test = {key: values[: config.num_test_examples] for key, values in test.items()}
     if mode == "train":
         train_data = mnist.load_split("train", data_dir, tfds_data_dir)
-        write_permutation(config, workdir)
-        result = train.train(task, config, workdir, train_data, {"test": test}, resume=resume)
+        # permutation.json is written by train.train after its workdir checks: a refused run keeps the old one.
+        result = train.train(task, config, workdir, train_data, {"test": test}, resume=resume,
+                             files={PERMUTATION_FILE: permutation_record(config)})
         if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
             plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
         return result.results

@@ -538,6 +538,7 @@ def train(
     *,
     resume: bool = False,
     on_eval: Optional[EvalHook] = None,
+    files: Optional[Mapping[str, Any]] = None,
 ) -> TrainResult:
     """Trains `task` on `train_data`, evaluating on every split of `eval_data`.
 
@@ -555,6 +556,9 @@ def train(
         `resume`, a workdir that already holds checkpoints raises `CheckpointError`.
       on_eval: called after every evaluation as `on_eval(step, params, metrics)` with
         `metrics = {split: {name: value}}`, e.g. to write samples.
+      files: `{file_name: value}`, more JSON files for the workdir (e.g. a
+        vocabulary), written with `config.json` once the workdir has passed the checks
+        above, so that a refused run never overwrites those of the run already there.
 
     Returns:
       `TrainResult(state, results)`. `results` (also written to `results.json`) has
@@ -591,6 +595,8 @@ def train(
     main = distributed.is_main_process()  # with several processes, only process 0 writes logs and results
     if main:
         write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        for name, value in (files or {}).items():
+            write_json(os.path.join(workdir, name), value)
     writer = metrics_lib.MetricWriter(workdir, resume_step=int(state.step) if resume else None) if main else _NoWriter()
     try:
         loop = _Loop(task, config, workdir, plan, mesh, train_data, eval_data or {}, checkpointer, writer, on_eval)

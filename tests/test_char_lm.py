@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ import pytest
 
 from experiments import char_lm
 from rnnlab import train
+from rnnlab.checkpoint import CheckpointError
 from rnnlab.data.text import Vocabulary
 from data_fixtures import shakespeare_like_text, write_text_corpus
 
@@ -155,6 +157,19 @@ def test_resume_continues_to_more_steps(trained_run):
     config.sample.update(tiny_config().sample)  # sample.* comes from the given config (the tiny corpus has no 'R')
     results = char_lm.run(config, workdir, data_dir=data_dir, resume=True)
     assert results["steps"] == 8
+
+
+def test_a_refused_rerun_leaves_the_vocabulary_alone(trained_run, tmp_path):
+    """Training again into a workdir with checkpoints is refused before anything is
+    written: vocab.json still fits the checkpoints (here the new corpus has a '~')."""
+    _, workdir, _ = trained_run
+    other = tmp_path / "tiny_shakespeare" / "input.txt"
+    other.parent.mkdir(parents=True)
+    other.write_text("~" + shakespeare_like_text(5000), encoding="utf-8")
+    before = (Path(workdir) / "vocab.json").read_bytes()
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        char_lm.run(tiny_config(num_layers=1, dropout_keep=0.9), workdir, data_dir=str(tmp_path))
+    assert (Path(workdir) / "vocab.json").read_bytes() == before
 
 
 def test_eval_mode_uses_the_trained_config(trained_run):

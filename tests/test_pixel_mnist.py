@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import write_mnist_idx
+from rnnlab.checkpoint import CheckpointError
 from experiments import mnist, pixel_mnist, registry
 
 PIXEL_EXPERIMENTS = sorted(pixel_mnist.EXPERIMENTS)
@@ -51,6 +52,14 @@ def test_experiment_trains_end_to_end(name, data_dir, tmp_path):
         evaluated = experiment.run(config, str(tmp_path), mode="eval", data_dir=data_dir)
         assert evaluated["step"] == 3
         assert evaluated["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+        # The default pixel order on the command line: eval still reads the trained one.
+        default_order = experiment.run(tiny(experiment.get_config(), permutation_seed=5, pixel_stride=1),
+                                       str(tmp_path), mode="eval", data_dir=data_dir)
+        assert default_order["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
+        # A refused re-run (the workdir holds checkpoints) leaves permutation.json alone.
+        with pytest.raises(CheckpointError, match="already holds checkpoints"):
+            experiment.run(tiny(experiment.get_config(), permutation_seed=5), str(tmp_path), data_dir=data_dir)
+        assert json.loads((tmp_path / "permutation.json").read_text()) == written
 
 
 def test_permutation_is_fixed_by_its_seed():
