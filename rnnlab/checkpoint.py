@@ -37,7 +37,8 @@ class Checkpointer:
         if must_exist and not os.path.isdir(self.directory):
             raise CheckpointError(f"no checkpoint in {self.directory} (the directory does not exist).")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not must_exist)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> Optional[int]:
         """The step of the newest complete checkpoint, or None."""
@@ -66,6 +67,14 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}.")
+        # Checked before orbax reads anything: a failed read leaves its asynchronous
+        # reads to die on a closed event loop, printing tracebacks to stderr.
+        mismatch = self._mismatch(step, abstract_state)
+        if mismatch:
+            raise CheckpointError(
+                f"the checkpoint of step {step} in {self.directory} does not match the model: {mismatch} "
+                "(was it trained with another config?)"
+            )
         try:
             restored = self._manager.restore(
                 step,
@@ -80,10 +89,51 @@ class Checkpointer:
             ) from error
         return restored["state"], dict(restored["meta"])
 
+    def _mismatch(self, step: int, abstract_state: Any) -> str:
+        """How the arrays stored in checkpoint `step` differ from `abstract_state`'s
+        (names, stored vs requested shapes), or "" when they match or the checkpoint's
+        metadata cannot be read (then `restore` reports what it finds)."""
+        try:
+            stored_tree = self._manager.item_metadata(step)["state"].tree
+        except Exception:  # damaged or foreign metadata: left to restore's error
+            return ""
+        stored = _shapes(stored_tree)
+        requested = _shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+        if not stored:
+            return ""
+        problems = []
+        missing = sorted(set(requested) - set(stored), key=_params_first)
+        unexpected = sorted(set(stored) - set(requested), key=_params_first)
+        if missing:
+            problems.append(f"the model has {len(missing)} arrays the checkpoint lacks ({_names(missing)})")
+        if unexpected:
+            problems.append(f"the checkpoint has {len(unexpected)} arrays the model lacks ({_names(unexpected)})")
+        shapes = [f"{name} stored {stored[name]}, requested {requested[name]}"
+                  for name in sorted(set(stored) & set(requested), key=_params_first) if tuple(stored[name]) != tuple(requested[name])]
+        if shapes:
+            problems.append(f"{len(shapes)} arrays differ in shape: {'; '.join(shapes[:4])}"
+                            + (f"; and {len(shapes) - 4} more" if len(shapes) > 4 else ""))
+        return "; ".join(problems)
+
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """`{"params.embed": shape, ...}` for the array leaves of a nested dict/list tree."""
+    return {".".join(str(key) for key in path): tuple(leaf.shape)
+            for path, leaf in ocp.tree.to_flat_dict(tree).items() if hasattr(leaf, "shape")}
+
+
+def _params_first(name: str) -> tuple[bool, str]:
+    """Sort key: the model's params before the optimiser state that mirrors them."""
+    return (not name.startswith("params."), name)
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f", and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def abstract_like(tree: Any) -> Any:

@@ -227,3 +227,21 @@ print(json.dumps({{k: np.asarray(v).tolist() for k, v in result.state.params.ite
     one = train.train(softmax_regression(dropout=0.3), config(), str(tmp_path / "one"), toy_data(40), {"test": toy_data(20)})
     for name, value in one.state.params.items():
         np.testing.assert_allclose(two[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_of_another_model_is_one_clear_error_without_tracebacks(tmp_path, capfd):
+    """Shapes are compared before orbax reads anything: the error names the arrays with
+    their stored and requested shapes, and no orbax thread prints to stderr."""
+    train.train(softmax_regression(), config(num_steps=2), str(tmp_path), toy_data(40))
+    capfd.readouterr()
+    wider = train.Task(init_params=lambda key: {"w": jnp.zeros((FEATURES, 7)), "b": jnp.zeros(7)},
+                       loss=softmax_regression().loss)
+    with pytest.raises(CheckpointError, match=r"does not match the model: 6 arrays differ in shape: "
+                                              r"params.b stored \(3,\), requested \(7,\)") as error:
+        train.restore_params(wider, config(), str(tmp_path))
+    assert "strict" not in str(error.value)
+    other = train.Task(init_params=lambda key: {"v": jnp.zeros(3)}, loss=softmax_regression().loss)
+    with pytest.raises(CheckpointError, match=r"the model has 3 arrays the checkpoint lacks \(params.v, .*"
+                                              r"the checkpoint has 6 arrays the model lacks \(params.b"):
+        train.restore_params(other, config(), str(tmp_path))
+    assert "Traceback" not in capfd.readouterr().err
