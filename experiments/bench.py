@@ -37,7 +37,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train", **
     for record in payload["results"]:
         if record["time_ms"] is None or record["kind"] in ("peak", "floor"):
             continue
-        key = f"T={record['shape']['seq_len']} {record['mode']}"
+        key = f"{bench.Shape(**record['shape'])} {record['mode']}"
         if key not in fastest or record["time_ms"]["median"] < fastest[key]["median_ms"]:
             fastest[key] = {"target": record["target"], "median_ms": round(record["time_ms"]["median"], 2)}
     return {"workdir": workdir, "peak_gflops": payload["peak_gflops"], "fastest": fastest}

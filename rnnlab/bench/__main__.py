@@ -1,10 +1,12 @@
-"""`python -m rnnlab.bench [--FIELD=VALUE ...] [--workdir=DIR]`: one flag per
-`BenchConfig` field (see `--help`)."""
+"""`python -m rnnlab.bench [--FIELD=VALUE ...] [--workdir=DIR]`: times rnnlab's unroll
+methods and peer frameworks; one flag per `BenchConfig` field, described below.
+docs/benchmarks.md has example commands."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from typing import Optional, Sequence
 
 from rnnlab import host_memory
@@ -22,18 +24,31 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[BenchConfig, str, 
     parser = argparse.ArgumentParser(prog="python -m rnnlab.bench", description=__doc__)
     parser.add_argument("--workdir", default="bench_results", help="where results.json, report.md and plots go")
     parser.add_argument("--reuse_host_memory", type=_boolean, default=True, help=REUSE_HOST_MEMORY_HELP)
+    descriptions = field_descriptions()
     for field in dataclasses.fields(BenchConfig):
+        help_text = descriptions.get(field.name, "") + " (default: %(default)r)"
         if field.type in (bool, "bool"):
-            parser.add_argument(f"--{field.name}", type=_boolean, default=field.default)
+            parser.add_argument(f"--{field.name}", type=_boolean, default=field.default, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(str(field.type), str)
-            parser.add_argument(f"--{field.name}", type=kind, default=field.default)
+            parser.add_argument(f"--{field.name}", type=kind, default=field.default, help=help_text)
     args = vars(parser.parse_args(argv))
     workdir, reuse_host_memory = args.pop("workdir"), args.pop("reuse_host_memory")
     try:
         return BenchConfig(**args), workdir, reuse_host_memory
     except ValueError as error:
         parser.error(str(error))
+
+
+def field_descriptions() -> dict[str, str]:
+    """Each `BenchConfig` field's description, from the `Attributes:` section of its
+    docstring (an entry may describe several fields: `rtol, atol: ...`)."""
+    section = BenchConfig.__doc__.split("Attributes:", 1)[1]
+    descriptions = {}
+    for names, text in re.findall(r"^ {6}([a-z_][a-z_, ]*): (.*?)(?=^ {6}[a-z_][a-z_, ]*: |\Z)", section, re.M | re.S):
+        for name in names.split(","):
+            descriptions[name.strip()] = " ".join(text.split()).replace("`", "")
+    return descriptions
 
 
 def _boolean(text: str) -> bool:

@@ -55,16 +55,21 @@ class MethodSpec(NamedTuple):
     def parse(cls, text: str) -> "MethodSpec":
         method, _, rest = text.strip().partition(":")
         if method not in ("scan", "static", "associative"):
-            raise ValueError(f"unknown unroll method {method!r} in {text!r}.")
+            raise ValueError(
+                f"unknown unroll method {method!r} in {text!r}; methods are scan, static and associative, "
+                "options follow a colon (scan:unroll=4,hoist=0)."
+            )
         options = []
         for item in filter(None, rest.split(",")):
             key, _, value = item.partition("=")
-            if key not in UNROLL_OPTIONS or not value.lstrip("-").isdigit():
+            integer = key in INTEGER_OPTIONS and value.isdigit() and int(value) >= 1
+            if key not in UNROLL_OPTIONS or not (integer or (key not in INTEGER_OPTIONS and value in ("0", "1"))):
                 raise ValueError(
-                    f"method options are {', '.join(UNROLL_OPTIONS)} with integer values "
-                    f"(0/1 for flags), got {item!r} in {text!r}."
+                    f"method options are {', '.join(UNROLL_OPTIONS)}, with positive integers for "
+                    f"{' and '.join(INTEGER_OPTIONS)} and 0/1 for the others, written after a colon "
+                    f"(scan:unroll=4,hoist=0); got {item!r} in {text!r}."
                 )
-            options.append((key, int(value) if key in INTEGER_OPTIONS else bool(int(value))))
+            options.append((key, int(value) if key in INTEGER_OPTIONS else value == "1"))
         return cls(method, tuple(options))
 
     @property
@@ -172,7 +177,12 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         """Parses every list field once, so that a bad value fails here."""
+        from rnnlab.bench.workloads import CELLS  # (workloads imports this module)
+
         _ = (self.workload, self.method_specs, self.extra_workloads, self.shape_list)
+        for workload in [self.workload] + self.extra_workloads:
+            if workload.cell not in CELLS:
+                raise ValueError(f"unknown cell {workload.cell!r} in {workload}; cells are {', '.join(CELLS)}.")
         for mode in self.mode_list:
             if mode not in MODES:
                 raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)}.")
@@ -181,6 +191,26 @@ class BenchConfig:
                 raise ValueError(f"unknown peer {peer!r}; peers are {', '.join(PEERS)}.")
         if not self.method_specs:
             raise ValueError("methods must name at least one unroll method.")
+        if not self.mode_list:
+            raise ValueError(f"modes must name at least one of {', '.join(MODES)}.")
+        for name, items in (
+            ("methods", [str(m) for m in self.method_specs]),
+            ("cell and extra", [str(w) for w in [self.workload] + self.extra_workloads]),
+            ("peers", self.peer_list),
+            ("modes", self.mode_list),
+        ):
+            repeated = sorted({item for item in items if items.count(item) > 1})
+            if repeated:
+                raise ValueError(f"{name} name {', '.join(repeated)} more than once.")
+        if not self.shapes:
+            for name in ("batch_size", "input_size", "num_units"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("rtol", "atol", "static_max_seq_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not self.static_compile_budget_s > 0:
+            raise ValueError(f"static_compile_budget_s must be > 0, got {self.static_compile_budget_s}.")
         for name in ("rounds", "calls", "num_classes", "peak_matmul_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")

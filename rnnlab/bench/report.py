@@ -16,6 +16,11 @@ def _num(value: Optional[float], digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _ms(value: float) -> str:
+    """A time in ms with the decimals its size needs: `108.7`, `9.84`, `0.781`."""
+    return f"{value:.{1 if abs(value) >= 10 else 2 if abs(value) >= 1 else 3}f}"
+
+
 def _row(r: Result) -> list[str]:
     t = r.time_ms
     check = "-" if r.check is None else ("ok" if r.check["passed"] else "FAIL") + (
@@ -24,9 +29,9 @@ def _row(r: Result) -> list[str]:
     return [
         r.target,
         _num(r.compile_s, 2),
-        _num(t.median) if t else r.status,
-        f"{t.min:.1f}-{t.max:.1f}" if t else "",
-        f"{t.q75 - t.q25:.1f}" if t else "",
+        _ms(t.median) if t else r.status,
+        f"{_ms(t.min)}-{_ms(t.max)}" if t else "",
+        _ms(t.q75 - t.q25) if t else "",
         _num(r.gflops),
         _num(r.fraction_of_peak * 100 if r.fraction_of_peak is not None else None),
         _num(r.speedup_vs_best_peer, 2),
@@ -51,22 +56,26 @@ def _title(rows: list[Result], mode: str) -> str:
 
 
 def summary(results: list[Result]) -> list[str]:
-    """Per shape and mode: the swept workload's reference target (its first method, the
-    first rnnlab result of the group) against each peer, as speed ratios (> 1: rnnlab
-    is faster), and the time of the LSTM's matmuls alone when they were timed."""
+    """Per shape and mode: the swept workload's reference target (the first of its
+    methods that built, noted `reference`) against each peer, as the peer's time over
+    rnnlab's (> 1: rnnlab is faster), and the time of the LSTM's matmuls alone when
+    they were timed."""
     lines = []
     for (_, mode), rows in _groups(results).items():
-        first = next((r for r in results if r.kind == "rnnlab" and r.shape == rows[0].shape and r.mode == mode), None)
-        reference = first if first is not None and first.time_ms else None
+        reference = next(
+            (r for r in results if r.kind == "rnnlab" and r.shape == rows[0].shape and r.mode == mode
+             and r.note == "reference" and r.time_ms),
+            None,
+        )
         peers = [r for r in rows if r.kind == "peer" and r.time_ms]
         if reference is None or not peers:
             continue
         ratios = ", ".join(f"{p.target.split('/')[1]} {p.time_ms.median / reference.time_ms.median:.2f}x" for p in peers)
         floor = next((r for r in rows if r.kind == "floor" and r.time_ms), None)
-        floor_text = f"; the LSTM's matmuls alone {floor.time_ms.median:.1f} ms" if floor else ""
+        floor_text = f"; the LSTM's matmuls alone {_ms(floor.time_ms.median)} ms" if floor else ""
         lines.append(
-            f"{rows[0].shape} {mode}: {reference.target} {reference.time_ms.median:.1f} ms; "
-            f"speed vs peers: {ratios}{floor_text}"
+            f"{rows[0].shape} {mode}: {reference.target} {_ms(reference.time_ms.median)} ms; "
+            f"speed vs peers (peer time / rnnlab time): {ratios}{floor_text}"
         )
     return lines
 
@@ -111,7 +120,8 @@ def markdown_report(payload: dict[str, Any], results: list[Result], plots: list[
         "Times are per call: median over all timed calls, min-max and interquartile range; "
         "compile is trace + lower + XLA compile of the first call, reported apart. "
         "GFLOP/s counts the matmul FLOPs of the recurrent work (forward `2·B·T·Σ K·N` over "
-        "the cell's `[K, N]` weights, train step 3x that); `% peak` is against the "
+        "the cell's `[K, N]` weights; a train step 3x that, 2x for the input kernels, whose input needs "
+        "no gradient); `% peak` is against the "
         "float32 matmul timed in the same rounds (its best call); `x best peer` > 1 is faster than the fastest peer. "
         "`peak/memory` is the memory-bandwidth reference (`a*x+y`, its best call, GB/s in the note): the "
         "limit of elementwise work such as a linear recurrence's scan. `floor/lstm_matmuls` runs only the "

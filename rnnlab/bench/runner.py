@@ -211,7 +211,7 @@ def run_shapes(
         reference = _add_rnnlab(run, config.workload, config.method_specs, static_history)
         for workload in config.extra_workloads:
             _add_rnnlab(run, workload, config.method_specs[:1], static_history)
-        _add_peers(run, reference if config.workload == Workload("lstm") else None)
+        _add_peers(run, reference if config.workload == Workload("lstm") else None, config.workload)
         log(f"  timing {len(run.programs)} programs: {config.rounds} rounds x {config.calls} calls")
         run.time_all()
         _derive(run.results, peak)
@@ -296,9 +296,10 @@ def _add_floor(run: _ShapeRun) -> None:
         run.add(result, lambda: program, None)
 
 
-def _add_peers(run: _ShapeRun, references: Optional[dict[str, tuple[str, dict]]]) -> None:
+def _add_peers(run: _ShapeRun, references: Optional[dict[str, tuple[str, dict]]], swept: Workload) -> None:
     """Adds the peers, built from the weights rnnlab's `lstm` gets from the same seed;
-    they are checked against the rnnlab reference when the swept cell is that LSTM."""
+    they are checked against the rnnlab reference when the swept workload is that LSTM,
+    and otherwise noted as unchecked (they still run a plain LSTM)."""
     from rnnlab import bench_peers
 
     config, shape = run.config, run.shape
@@ -317,6 +318,8 @@ def _add_peers(run: _ShapeRun, references: Optional[dict[str, tuple[str, dict]]]
     for mode in config.mode_list:
         for peer in config.peer_list:
             result = Result(f"peer/{peer}", "peer", bench_peers.PEER_LABELS[peer], mode, shape, flops=flops[mode])
+            if references is None:
+                result.note = f"not checked: a plain LSTM, the swept workload is {swept}"
             run.add(
                 result,
                 lambda: bench_peers.build_peer(peer, mode, weights, run.data.x, run.data.labels, config.torch_threads),

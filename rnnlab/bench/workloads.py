@@ -79,21 +79,35 @@ def make_data(shape: Shape, num_classes: int, seed: int) -> Data:
     return Data(x, labels, lengths)
 
 
-def cell_matmul_flops(cell_params: Params, batch_size: int, seq_len: int) -> float:
-    """Matmul FLOPs of one forward pass of a cell: `2·B·T·Σ K·N` over its 2-D weights
-    `[K, N]` (for an LSTM `2·B·T·(I+H)·4H`). Elementwise work is not counted."""
-    per_example_step = sum(
-        int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(cell_params) if jnp.ndim(leaf) == 2
-    )
-    return 2.0 * batch_size * seq_len * per_example_step
+INPUT_KERNELS = ("w_x", "B_re", "B_im")
+"""The cells' weights that multiply the classifier's input `x`: a train step needs no
+gradient of `x`, so their backward pass is one matmul (the weight gradient), not two."""
+
+
+def cell_matmul_flops(cell_params: Params, batch_size: int, seq_len: int, mode: str = "forward") -> float:
+    """Matmul FLOPs of one call of a cell over `[B, T, ·]` inputs. Forward: `2·B·T·K·N`
+    for each 2-D weight `[K, N]` (for an LSTM `2·B·T·(I+H)·4H`). Train step: 3x that
+    for a weight whose input depends on the params (the forward matmul, its input's
+    gradient and its own), 2x for the input kernels (`INPUT_KERNELS`), whose input `x`
+    needs no gradient; for an LSTM `2·B·T·(2·I + 3·H)·4H`, as `floor/lstm_matmuls`
+    counts it. Elementwise work is not counted."""
+    total = 0.0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cell_params):
+        if jnp.ndim(leaf) != 2:
+            continue
+        forward = 2.0 * batch_size * seq_len * int(np.prod(leaf.shape))
+        if mode == "forward":
+            total += forward
+        else:
+            total += forward * (2 if getattr(path[-1], "key", None) in INPUT_KERNELS else 3)
+    return total
 
 
 def workload_flops(workload: Workload, rnn_params: Params, shape: Shape, mode: str) -> float:
-    """Matmul FLOPs of one call: the forward pass, or ≈ 3x it for a train step (the
-    backward pass does two matmuls per forward matmul). The head is not counted."""
+    """Matmul FLOPs of one call of the workload's RNN, forward or train step
+    (`cell_matmul_flops`, summed over the directions). The head is not counted."""
     directions = rnn_params.values() if "bidirectional" in workload.variants else [rnn_params]
-    forward = sum(cell_matmul_flops(p, shape.batch_size, shape.seq_len) for p in directions)
-    return forward if mode == "forward" else 3.0 * forward
+    return sum(cell_matmul_flops(p, shape.batch_size, shape.seq_len, mode) for p in directions)
 
 
 def init_classifier(workload: Workload, cell: RNNCell, shape: Shape, num_classes: int, seed: int) -> Params:
