@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import sys
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -357,7 +358,8 @@ def run(
     "train" writes what `rnnlab.train.train` writes (`results.json` with `val_loss`,
     `val_bits_per_char`, `test_loss`, `test_bits_per_char`), `vocab.json`, `curves.png`
     and `samples.txt`. "eval" writes `eval_results.json`. "sample" prints the samples
-    and appends them to `samples.txt`. "eval", "sample" and `resume` rebuild the model
+    on stderr, returns them (`launch.py` prints the results as JSON on stdout) and
+    appends them to `samples.txt`. "eval", "sample" and `resume` rebuild the model
     from the run's `config.json`, taking only `common.EVAL_FIELDS` (`sample.*`,
     `eval_batch_size`, ...) / `common.RESUME_FIELDS` from `config`.
     """
@@ -372,8 +374,8 @@ def run(
     params, step = train.restore_params(make_task(model), config, workdir)
     if mode == "sample":
         texts = generate(model, params, vocab, config.sample)
-        for text in texts:
-            print(text, end="\n\n")
+        for text in texts:  # for reading; stdout is one JSON document, which holds them too
+            print(text, end="\n\n", file=sys.stderr)
         write_samples(os.path.join(workdir, SAMPLES_FILE), texts, config.sample, step, mode="a")
         return {"step": step, "samples": texts}
     splits, _ = load_corpus(data_dir, tfds_data_dir)

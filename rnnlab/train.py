@@ -63,6 +63,7 @@ import math
 import os
 import re
 import signal
+import sys
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
@@ -769,8 +770,9 @@ class _Loop:
         self.eval_seconds += seconds
         for split, values in self.last_eval.items():
             self.writer.write(self.step, split, values)
-            self.bar.write(f"step {self.step} (epoch {self.step / self.plan.steps_per_epoch:.2f}) {split}: "
-                           f"{_format(values)} [{seconds:.1f}s]")
+            if distributed.is_main_process():  # on stderr, like the bar: stdout is left to the results
+                self.bar.write(f"step {self.step} (epoch {self.step / self.plan.steps_per_epoch:.2f}) {split}: "
+                               f"{_format(values)} [{seconds:.1f}s]", file=sys.stderr)
         if self.on_eval is not None:
             self.on_eval(self.step, self.state.params, self.last_eval)
         self.last_flush += time.monotonic() - started  # keep evaluation out of steps_per_second

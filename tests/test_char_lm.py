@@ -186,7 +186,8 @@ def test_sample_mode_from_the_command_line(trained_run):
                "--config.sample.top_k=3"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "All:" in done.stdout
+    assert json.loads(done.stdout)["samples"][0].startswith("All:"), "stdout is one JSON document"
+    assert "All:" in done.stderr
     with open(os.path.join(workdir, "samples.txt"), encoding="utf-8") as f:
         assert "top_k 3 ===\nAll:" in f.read()
 

@@ -118,8 +118,10 @@ SINE_TINY = ["--experiment=sine_lstm", "--config.num_points=600", "--config.num_
 
 def test_eval_and_resume_use_the_trained_config_and_refuse_other_model_fields(tmp_path):
     workdir = f"--workdir={tmp_path / 'run'}"
-    trained = launch(*SINE_TINY, workdir, "--config.num_steps=4")
+    trained = launch(*SINE_TINY, workdir, "--config.num_steps=4", "--config.eval_every_steps=2")
     assert trained.returncode == 0, trained.stderr
+    assert json.loads(trained.stdout)["steps"] == 4, "stdout is the results alone; progress goes to stderr"
+    assert "step 2 (epoch" in trained.stderr
     assert_one_line_error(launch("--experiment=sine_lstm", workdir, "--mode=eval", "--config.window=50"),
                           "--config.window=50 differs", "(10,", "--mode=eval", "eval_batch_size")
     assert_one_line_error(launch("--experiment=sine_lstm", workdir, "--resume", "--config.num_units=8"),
