@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any, Mapping
 
+from absl import logging
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -23,10 +25,12 @@ class MetricWriter:
 
     def __init__(self, workdir: str, resume_step: int | None = None):
         self.path = os.path.join(workdir, METRICS_FILE)
+        self._resume_step = resume_step
+        self._logged_at_resume: set[str] = set()  # splits the kept log holds at resume_step
         if resume_step is None:
             open(self.path, "w").close()
         else:
-            _truncate_after(self.path, resume_step)
+            self._logged_at_resume = _truncate_after(self.path, resume_step)
         # Imported here: tensorboardX imports PyTorch when it is installed, which takes
         # seconds that only a run that writes events should pay.
         from tensorboardX import SummaryWriter
@@ -34,7 +38,11 @@ class MetricWriter:
         self._tensorboard = SummaryWriter(logdir=workdir, purge_step=resume_step)
 
     def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
-        """Logs scalar `values` of `split` ("train", "test", ...) at `step`."""
+        """Logs scalar `values` of `split` ("train", "test", ...) at `step`; a record
+        the kept log of a resumed run already holds (e.g. the final evaluation of a
+        finished run resumed again) is not written twice."""
+        if step == self._resume_step and split in self._logged_at_resume:
+            return
         record = {"step": int(step), "split": split, **{k: _json_float(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -46,9 +54,32 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of `workdir/metrics.jsonl`, in order."""
+    """The records of `workdir/metrics.jsonl`, in order (see `_parse_records`)."""
     with open(os.path.join(workdir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return _parse_records(f.read(), os.path.join(workdir, METRICS_FILE))
+
+
+def _parse_records(text: str, path: str) -> list[dict[str, Any]]:
+    """The JSON records of the lines of `text`. A last line cut short (a crash while it
+    was appended) is dropped with a warning; any other bad line raises a one-line
+    `ValueError` naming `path` and the line."""
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a step")
+        except ValueError as error:
+            if number == len(lines):  # no newline after it: the write was cut short
+                logging.warning("%s: ignoring its last line, cut short (%s).", path, error)
+                continue
+            raise ValueError(f"{path} line {number} is not a metrics record ({error}); "
+                             "repair or delete that line.") from None
+        records.append(record)
+    return records
 
 
 def _json_float(value: float) -> float | str:
@@ -57,12 +88,14 @@ def _json_float(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
-def _truncate_after(path: str, step: int) -> None:
-    """Drops the records after `step` (logged by a run that was then killed), atomically."""
+def _truncate_after(path: str, step: int) -> set[str]:
+    """Drops the records after `step` (logged by a run that was then killed), and a last
+    line cut short, atomically. Returns the splits of the records kept at `step`."""
     if not os.path.exists(path):
-        return
+        return set()
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [record for record in _parse_records(f.read(), path) if record["step"] <= step]
     with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(record) + "\n" for record in kept)
     os.replace(path + ".tmp", path)
+    return {record.get("split") for record in kept if record["step"] == step}

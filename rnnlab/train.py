@@ -340,7 +340,24 @@ class _Plan(NamedTuple):
     total_steps: int  # as configured; a time budget may shorten the schedule
 
 
+_MINIMA = {"num_steps": 0, "num_epochs": 0, "warmup_steps": 0, "log_every_steps": 1, "eval_every_steps": 0,
+           "checkpoint_every_steps": 0, "keep_checkpoints": 1, "time_budget_s": 0}
+"""The smallest valid value of the config's counts and durations."""
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line `ValueError` for a count or duration out of range (e.g.
+    `log_every_steps=0`, a negative `num_steps` or `time_budget_s`)."""
+    for name, minimum in _MINIMA.items():
+        value = config[name]
+        if not (isinstance(value, (int, float)) and value >= minimum):  # NaN fails too
+            meaning = {"num_steps": " (0 means num_epochs epochs)", "eval_every_steps": " (0: only at the end)",
+                       "checkpoint_every_steps": " (0: only at the end)", "time_budget_s": " (0: no budget)"}
+            raise ValueError(f"config.{name} must be >= {minimum}{meaning.get(name, '')}, got {value!r}.")
+
+
 def _plan(config: ml_collections.ConfigDict, train_data: Data, mesh: Mesh) -> _Plan:
+    _check_config(config)
     _check_batch_size(config.batch_size, mesh, "config.batch_size")
     rows = num_rows(train_data)
     if rows < config.batch_size:
@@ -565,9 +582,10 @@ def train(
       `TrainResult(state, results)`. `results` (also written to `results.json`) has
       `steps`, `planned_steps` (the configured length), `epochs` (fractional),
       `train_seconds` (the training loop's wall time, compilation included, evaluation
-      excluded), `num_params`, `devices`, `stop_reason` ("done", "time_budget", "SIGINT"
-      or "SIGTERM"), and `"{split}_{metric}"` for the final evaluation of every split
-      (none after a signal).
+      excluded, summed over the run and its resumes), `num_params`, `devices`,
+      `stop_reason` ("done"; "time_budget" when the budget ended training or shortened
+      its schedule; "SIGINT" or "SIGTERM"), and `"{split}_{metric}"` for the final
+      evaluation of every split (none after a signal).
 
     Raises:
       NonFiniteLossError: the loss became NaN or infinite; the message names the step.
@@ -579,9 +597,10 @@ def train(
     mesh = data_mesh()
     plan = _plan(config, train_data, mesh)
     state = _initial_state(task, config, plan.total_steps, mesh)
+    previous_seconds = 0.0
     if resume:
         checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints, must_exist=True)
-        state = _restore_for_resume(checkpointer, state, config, plan)
+        state, previous_seconds = _restore_for_resume(checkpointer, state, config, plan)
         # The schedule's length follows the config (a changed num_steps or num_epochs
         # takes effect); a time budget re-plans it again.
         state = state.replace(total_steps=jax.device_put(jnp.int32(plan.total_steps), _replicated(mesh)))
@@ -601,21 +620,25 @@ def train(
     writer = metrics_lib.MetricWriter(workdir, resume_step=int(state.step) if resume else None) if main else _NoWriter()
     try:
         loop = _Loop(task, config, workdir, plan, mesh, train_data, eval_data or {}, checkpointer, writer, on_eval)
-        return loop.run(state)
+        return loop.run(state, previous_seconds)
     finally:
         writer.close()
         checkpointer.close()
 
 
-def _checkpoint_meta(config: ml_collections.ConfigDict, plan: _Plan, step: int) -> dict[str, Any]:
-    """What identifies the data position of a checkpoint besides its step."""
+def _checkpoint_meta(config: ml_collections.ConfigDict, plan: _Plan, step: int,
+                     train_seconds: float = 0.0) -> dict[str, Any]:
+    """What identifies the data position of a checkpoint besides its step, and the
+    training time spent up to it (so that a resumed run reports the total)."""
     return {"step": step, "epoch": step / plan.steps_per_epoch, "batch_size": plan.batch_size,
-            "num_rows": plan.num_rows, "seed": config.seed, "shuffle": config.shuffle}
+            "num_rows": plan.num_rows, "seed": config.seed, "shuffle": config.shuffle,
+            "train_seconds": train_seconds}
 
 
 def _restore_for_resume(checkpointer: checkpoint_lib.Checkpointer, state: TrainState,
-                        config: ml_collections.ConfigDict, plan: _Plan) -> TrainState:
-    """The newest checkpoint restored into `state`'s structure, checked against the run."""
+                        config: ml_collections.ConfigDict, plan: _Plan) -> tuple[TrainState, float]:
+    """The newest checkpoint restored into `state`'s structure, checked against the
+    run, and the training seconds spent up to it."""
     restored, meta = checkpointer.restore(checkpoint_lib.abstract_like(state))
     expected = _checkpoint_meta(config, plan, int(restored.step))
     for key in ("batch_size", "num_rows", "seed", "shuffle"):
@@ -625,7 +648,7 @@ def _restore_for_resume(checkpointer: checkpoint_lib.Checkpointer, state: TrainS
                 f"{key}={meta.get(key)!r}, but this run has {key}={expected[key]!r}; resuming would not "
                 "continue it exactly."
             )
-    return restored
+    return restored, float(meta.get("train_seconds", 0.0))
 
 
 class _NoWriter:
@@ -654,8 +677,10 @@ class _Loop:
         self.eval_seconds = 0.0
         self.last_eval: dict[str, dict[str, float]] = {}
 
-    def run(self, state: TrainState) -> TrainResult:
+    def run(self, state: TrainState, previous_seconds: float = 0.0) -> TrainResult:
+        """Trains from `state`; `previous_seconds`: training time before it (a resume)."""
         config, plan = self.config, self.plan
+        self.previous_seconds = previous_seconds
         self.state, self.step, self.total = state, int(state.step), int(state.total_steps)
         self.saved_step = self.step if self.checkpointer.latest_step() == self.step else None
         self.started = self.last_flush = time.monotonic()
@@ -685,7 +710,9 @@ class _Loop:
                     self._save()
             self._flush()
             jax.block_until_ready(self.state)
-            train_seconds = time.monotonic() - self.started - self.eval_seconds
+            train_seconds = self._train_seconds()
+            if stop_reason == "done" and self.total < plan.total_steps:  # the budget shortened the schedule
+                stop_reason = "time_budget"
             if self.saved_step != self.step:
                 self._save()
             if stop_reason in ("done", "time_budget"):
@@ -699,8 +726,9 @@ class _Loop:
             "devices": self.mesh.size,
             "stop_reason": stop_reason,
         }
-        for split, values in self.last_eval.items():
-            results.update({f"{split}_{name}": value for name, value in values.items()})
+        if stop_reason in ("done", "time_budget"):  # a signal skips the final evaluation: no stale figures
+            for split, values in self.last_eval.items():
+                results.update({f"{split}_{name}": value for name, value in values.items()})
         if distributed.is_main_process():
             write_json(os.path.join(self.workdir, "results.json"), results)
         return TrainResult(self.state, results)
@@ -727,10 +755,10 @@ class _Loop:
         fetched = jax.device_get([logged for _, logged in self.pending])
         for (step, _), logged in zip(self.pending, fetched):
             if not math.isfinite(logged["loss"]):
-                raise NonFiniteLossError(
-                    f"the training loss is {logged['loss']} at step {step}; stopping. The last good checkpoint "
-                    f"(step {self.checkpointer.latest_step()}) is kept in {self.checkpointer.directory}."
-                )
+                latest = self.checkpointer.latest_step()
+                kept = (f"The last good checkpoint (step {latest}) is kept in {self.checkpointer.directory}."
+                        if latest is not None else "No checkpoint was saved before it, so there is nothing to resume.")
+                raise NonFiniteLossError(f"the training loss is {logged['loss']} at step {step}; stopping. {kept}")
         now = time.monotonic()
         means = {name: float(np.mean([logged[name] for logged in fetched])) for name in fetched[0]}
         means["learning_rate"] = float(fetched[-1]["learning_rate"])
@@ -777,9 +805,14 @@ class _Loop:
             self.on_eval(self.step, self.state.params, self.last_eval)
         self.last_flush += time.monotonic() - started  # keep evaluation out of steps_per_second
 
+    def _train_seconds(self) -> float:
+        """Training time so far, resumed parts included, evaluations excluded."""
+        return self.previous_seconds + time.monotonic() - self.started - self.eval_seconds
+
     def _save(self) -> None:
         self._flush()  # never checkpoint past a non-finite loss
-        self.checkpointer.save(self.step, self.state, _checkpoint_meta(self.config, self.plan, self.step))
+        meta = _checkpoint_meta(self.config, self.plan, self.step, self._train_seconds())
+        self.checkpointer.save(self.step, self.state, meta)
         self.saved_step = self.step
 
 
