@@ -28,6 +28,7 @@ and a `--workdir` that every host sees; see docs/scaling.md.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -126,6 +127,22 @@ def check_config_overrides(argv: Sequence[str], config, experiment: str) -> None
             node = node[part]
 
 
+def os_error_message(error: OSError, workdir: str) -> str:
+    """One line for an `OSError` of a run, worded by its kind: messages of our own as
+    they are, a missing file as missing, a workdir that cannot be written as such."""
+    if error.errno is None:  # raised with a message of ours
+        return str(error)
+    path = error.filename or workdir
+    if isinstance(error, FileNotFoundError):
+        return f"{path} does not exist."
+    if isinstance(error, PermissionError):
+        return f"permission denied: {path} (check --workdir={workdir} and --data_dir)."
+    if isinstance(error, (NotADirectoryError, FileExistsError, IsADirectoryError)) or error.errno in (
+            errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+        return f"cannot write to --workdir={workdir}: {error.strerror}: {path}"
+    return f"I/O error on {path}: {error.strerror or error}"
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's parsing, with errors reported as one line."""
     try:
@@ -174,7 +191,7 @@ def main(argv: Sequence[str]) -> None:
             tfds_data_dir=FLAGS.tfds_data_dir,
         )
     except OSError as error:
-        fail(f"cannot write to --workdir={workdir}: {error}")
+        fail(os_error_message(error, workdir))
     except (ValueError, NonFiniteLossError) as error:
         fail(error)
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C

@@ -130,3 +130,15 @@ def test_eval_and_resume_use_the_trained_config_and_refuse_other_model_fields(tm
     resumed = launch("--experiment=sine_lstm", workdir, "--resume", "--config.num_steps=6", "--config.window=10")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 6
+
+
+def test_os_errors_are_worded_by_kind():
+    import launch
+
+    missing = FileNotFoundError(2, "No such file or directory", "/w/config.json")
+    assert launch.os_error_message(missing, "/w") == "/w/config.json does not exist."
+    blocked = NotADirectoryError(20, "Not a directory", "/f/run")
+    assert launch.os_error_message(blocked, "/f/run").startswith("cannot write to --workdir=/f/run: Not a directory")
+    assert launch.os_error_message(PermissionError(13, "Permission denied", "/w/x"), "/w").startswith(
+        "permission denied: /w/x")
+    assert launch.os_error_message(FileNotFoundError("our own message."), "/w") == "our own message."
