@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
-from rnnlab import train
+from rnnlab import distributed, train
 from rnnlab.cells.base import Params
 from rnnlab.checkpoint import CHECKPOINT_DIR, CheckpointError
 
@@ -70,7 +70,8 @@ def evaluate_newest_checkpoint(
         values = train.evaluate(task, params, data, config.eval_batch_size)
         results.update({f"{prefix}_{metric}": value for metric, value in values.items()})
     results.update(derived(results))
-    train.write_json(os.path.join(workdir, "eval_results.json"), results)
+    if distributed.is_main_process():  # with several processes, only process 0 writes files
+        train.write_json(os.path.join(workdir, "eval_results.json"), results)
     return params, results
 
 

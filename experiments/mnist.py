@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 import rnnlab
-from rnnlab import plots, train
+from rnnlab import distributed, plots, train
 from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell
 from rnnlab.metrics import read_metrics
 
@@ -244,13 +244,16 @@ def load_split(split: str, data_dir: Optional[str], tfds_data_dir: Optional[str]
 
 
 def write_plots(workdir: str, model: Model, params: Params, test: dict[str, np.ndarray], num_digits: int) -> None:
-    """`curves.png` (when metrics exist) and `reading.png` in `workdir`."""
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    """`curves.png` (when metrics exist) and `reading.png` in `workdir`, by process 0
+    only (every process computes the probabilities: they may span all processes)."""
+    main = distributed.is_main_process()
+    if main and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
     if num_digits > 0:
         images, labels = test["image"][:num_digits], test["label"][:num_digits]
         probabilities = reading_probabilities(model, params, images)
-        plots.plot_reading(images, labels, probabilities, os.path.join(workdir, "reading.png"))
+        if main:
+            plots.plot_reading(images, labels, probabilities, os.path.join(workdir, "reading.png"))
 
 
 def run(

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 import rnnlab
-from rnnlab import plots, train
+from rnnlab import distributed, plots, train
 from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell
 from rnnlab.cells.linear import lru, min_gru
 from rnnlab.cells.lstm import lstm
@@ -304,7 +304,7 @@ def run(
         # permutation.json is written by train.train after its workdir checks: a refused run keeps the old one.
         result = train.train(task, config, workdir, train_data, {"test": test}, resume=resume,
                              files={PERMUTATION_FILE: permutation_record(config)})
-        if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        if distributed.is_main_process() and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
             plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
         return result.results
     return common.evaluate_newest_checkpoint(task, config, workdir, {"test": test})[1]

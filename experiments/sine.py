@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 import rnnlab
-from rnnlab import plots, train
+from rnnlab import distributed, plots, train
 from rnnlab.cells.base import Array, Params, PRNGKey
 from rnnlab.data import sine as sine_data
 from rnnlab.metrics import read_metrics
@@ -209,8 +209,9 @@ def run(
         if results["stop_reason"] not in ("done", "time_budget"):
             return results
         results.update(_rmse(results))
-        train.write_json(os.path.join(workdir, "results.json"), results)
-        plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
+        if distributed.is_main_process():  # with several processes, only process 0 writes files
+            train.write_json(os.path.join(workdir, "results.json"), results)
+            plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
     else:
         params, results = common.evaluate_newest_checkpoint(task, config, workdir, eval_data, derived=_rmse)
     test = eval_data["test"]
@@ -218,7 +219,9 @@ def run(
     predictions = jax.jit(model.predict)(params, test["inputs"][:shown])
     title = (f"next-value prediction on the test series: test RMSE {results['test_rmse']:.4f} "
              f"(noise std {config.noise_std})")
-    plot_predictions(test["target"][:shown], np.asarray(predictions), os.path.join(workdir, "predictions.png"), title)
+    if distributed.is_main_process():
+        plot_predictions(test["target"][:shown], np.asarray(predictions), os.path.join(workdir, "predictions.png"),
+                         title)
     return results
 
 

@@ -121,3 +121,13 @@ def test_series_fields_reach_the_generator():
     assert np.max(np.abs(splits["train"])) <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="config.frequencies"):
         sine.make_splits(tiny_config(frequencies="0.2,fast"))
+
+
+def test_only_process_0_writes_files(tmp_path, monkeypatch):
+    """As another process of a multi-process run: results, plots and eval results are
+    left to process 0 (orbax's checkpoints are written together)."""
+    from rnnlab import distributed
+
+    monkeypatch.setattr(distributed, "is_main_process", lambda: False)
+    sine.run(tiny_config(num_steps=4, checkpoint_every_steps=0), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
