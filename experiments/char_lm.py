@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 import rnnlab
-from rnnlab import plots, sample, train
+from rnnlab import distributed, plots, sample, train
 from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell
 from rnnlab.data import text as text_data
 from rnnlab.metrics import read_metrics
@@ -329,6 +329,25 @@ def generate(model: CharLM, params: Params, vocab: text_data.Vocabulary, options
     return [options.prompt + continuation for continuation in continuations]
 
 
+def check_sample_options(options: ml_collections.ConfigDict, vocab: text_data.Vocabulary) -> None:
+    """Raises a one-line `ValueError` for `config.sample` options that `generate` would
+    refuse, so that a typo fails before training rather than after it."""
+    if not options.prompt:
+        raise ValueError("config.sample.prompt is empty: give at least one character to start from.")
+    unknown = sorted(set(options.prompt) - set(vocab.to_json()))
+    if unknown:
+        raise ValueError(f"config.sample.prompt has characters outside the vocabulary: {unknown!r}.")
+    if not (isinstance(options.temperature, (int, float)) and options.temperature >= 0):
+        raise ValueError(f"config.sample.temperature must be >= 0 (0 is greedy), got {options.temperature!r}.")
+    top_k = options.top_k
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= vocab.size:
+        raise ValueError(f"config.sample.top_k must be an integer from 0 (all) to the vocabulary size "
+                         f"{vocab.size}, got {top_k!r}.")
+    for name in ("num_chars", "num_samples"):
+        if isinstance(options[name], bool) or not isinstance(options[name], int) or options[name] < 1:
+            raise ValueError(f"config.sample.{name} must be a positive integer, got {options[name]!r}.")
+
+
 def write_samples(path: str, texts: list[str], options: ml_collections.ConfigDict, step: int, mode: str = "w") -> None:
     """Writes (or appends, `mode="a"`) the samples with one header line each."""
     with open(path, mode, encoding="utf-8") as f:
@@ -370,13 +389,16 @@ def run(
     if mode == "train":
         return _train(config, workdir, resume, data_dir, tfds_data_dir)
     vocab = _load_vocab(workdir)
+    if mode == "sample":
+        check_sample_options(config.sample, vocab)
     model = build_model(config, vocab.size)
     params, step = train.restore_params(make_task(model), config, workdir)
     if mode == "sample":
         texts = generate(model, params, vocab, config.sample)
-        for text in texts:  # for reading; stdout is one JSON document, which holds them too
-            print(text, end="\n\n", file=sys.stderr)
-        write_samples(os.path.join(workdir, SAMPLES_FILE), texts, config.sample, step, mode="a")
+        if distributed.is_main_process():  # with several processes, only process 0 prints and writes
+            for text in texts:  # for reading; stdout is one JSON document, which holds them too
+                print(text, end="\n\n", file=sys.stderr)
+            write_samples(os.path.join(workdir, SAMPLES_FILE), texts, config.sample, step, mode="a")
         return {"step": step, "samples": texts}
     splits, _ = load_corpus(data_dir, tfds_data_dir)
     results = {"step": step}
@@ -384,13 +406,14 @@ def run(
         rows = eval_rows(vocab.encode(splits[split]), config.eval_batch_size, config.bptt_steps)
         values = train.evaluate(make_task(model), params, rows, config.eval_batch_size)
         results.update({f"{prefix}_{metric}": value for metric, value in values.items()})
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    if distributed.is_main_process():
+        train.write_json(os.path.join(workdir, "eval_results.json"), results)
     return results
 
 
 def _train(config, workdir, resume, data_dir, tfds_data_dir) -> dict[str, Any]:
     splits, vocab = load_corpus(data_dir, tfds_data_dir)
+    check_sample_options(config.sample, vocab)  # the samples come after training: check them before it
     model = build_model(config, vocab.size)
     task = make_task(model)
     train_data = train_rows(vocab.encode(splits["train"]), config.batch_size, config.bptt_steps)
@@ -405,9 +428,10 @@ def _train(config, workdir, resume, data_dir, tfds_data_dir) -> dict[str, Any]:
     result = train.train(task, config, workdir, train_data, eval_data, resume=resume,
                          files={VOCAB_FILE: vocab.to_json()})
     if result.results["stop_reason"] in ("done", "time_budget"):
-        plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
-        texts = generate(model, result.state.params, vocab, config.sample)
-        write_samples(os.path.join(workdir, SAMPLES_FILE), texts, config.sample, result.results["steps"])
+        texts = generate(model, result.state.params, vocab, config.sample)  # every process: params may span them
+        if distributed.is_main_process():  # with several processes, only process 0 writes files
+            plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
+            write_samples(os.path.join(workdir, SAMPLES_FILE), texts, config.sample, result.results["steps"])
     return result.results
 
 

@@ -198,3 +198,15 @@ def test_sample_mode_rejects_a_prompt_outside_the_vocabulary(trained_run):
     config.sample.prompt = "All~"
     with pytest.raises(ValueError, match="outside the vocabulary.*'~'"):
         char_lm.run(config, workdir, mode="sample")
+
+
+@pytest.mark.parametrize("field, value, message", [("prompt", "All~", "outside the vocabulary.*'~'"),
+                                                   ("temperature", -0.5, "temperature must be >= 0"),
+                                                   ("top_k", -1, "top_k must be an integer")])
+def test_bad_sample_options_fail_before_training(trained_run, tmp_path, field, value, message):
+    data_dir, _, _ = trained_run
+    config = tiny_config()
+    config.sample[field] = value
+    with pytest.raises(ValueError, match=message):
+        char_lm.run(config, str(tmp_path / "run"), data_dir=data_dir)
+    assert not (tmp_path / "run").exists(), "nothing trained or written"
