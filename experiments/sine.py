@@ -90,6 +90,9 @@ def _floats(config: ml_collections.ConfigDict, name: str) -> Optional[list[float
 
 def make_splits(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """The series of `config` cut into `{"train", "validation", "test": float32 [n]}`."""
+    if _floats(config, "frequencies") is None:  # "" means None, which the generator reads as a default
+        raise ValueError(f"config.frequencies must list at least one frequency, e.g. \"0.1,0.37\"; "
+                         f"got {config.frequencies!r}.")
     series = sine_data.sine_series(
         config.num_points,
         frequencies=_floats(config, "frequencies"),

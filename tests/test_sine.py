@@ -121,6 +121,8 @@ def test_series_fields_reach_the_generator():
     assert np.max(np.abs(splits["train"])) <= 1.0 + 1e-6
     with pytest.raises(ValueError, match="config.frequencies"):
         sine.make_splits(tiny_config(frequencies="0.2,fast"))
+    with pytest.raises(ValueError, match="config.frequencies must list at least one frequency.*got ''"):
+        sine.make_splits(tiny_config(frequencies=""))
 
 
 def test_only_process_0_writes_files(tmp_path, monkeypatch):
