@@ -128,9 +128,6 @@ def trained_config(config: ml_collections.ConfigDict, workdir: str, keep: Sequen
     return merged
 
 
-_MISSING = object()
-
-
 def config_for_run(config: ml_collections.ConfigDict, workdir: str, mode: str, resume: bool) -> ml_collections.ConfigDict:
     """The config a run of `mode` works with: `config` for a new training run; the
     trained config for `--mode=eval|sample` (with `EVAL_FIELDS` from `config`) and
@@ -171,6 +168,9 @@ def _same(given: Any, trained: Any) -> bool:
     if isinstance(given, (tuple, list)) and isinstance(trained, list):
         return len(given) == len(trained) and all(_same(a, b) for a, b in zip(given, trained))
     return given == trained
+
+
+_MISSING = object()  # a config path that config.json lacks
 
 
 def check_overrides(overrides: Mapping[str, Any], workdir: str, keep: Sequence[str], how: str) -> None:

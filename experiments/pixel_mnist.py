@@ -263,12 +263,6 @@ def permutation_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def write_permutation(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """`permutation.json` in `workdir` (see `permutation_record`)."""
-    os.makedirs(workdir, exist_ok=True)
-    train.write_json(os.path.join(workdir, PERMUTATION_FILE), permutation_record(config))
-
-
 def _unroll_method(config: ml_collections.ConfigDict) -> str:
     """Resolves "auto": the associative scan pays off on parallel hardware, not on a CPU."""
     if config.unroll_method == "auto":
