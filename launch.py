@@ -173,6 +173,12 @@ def main(argv: Sequence[str]) -> None:
         fail(error)
     experiment = registry.get(FLAGS.experiment)
     workdir = FLAGS.workdir or os.path.join("runs", experiment.name)
+    try:
+        common.check_mode(experiment.name, FLAGS.mode, experiment.modes)
+    except ValueError as error:
+        fail(error)
+    if FLAGS.resume and not experiment.resumable:
+        fail(f"experiment {experiment.name!r} does not resume; run it again without --resume.")
     config = FLAGS.config
     if FLAGS.mode != "train" or FLAGS.resume:  # the run's config.json, with the overrides that may change
         overrides = config_flags.get_override_values(FLAGS["config"])

@@ -48,4 +48,6 @@ registry.register(
     "Unroll methods (scan, unroll=k, static, associative) and peer LSTMs: compile and run time vs length.",
     get_config,
     run,
+    modes=("train",),
+    resumable=False,
 )

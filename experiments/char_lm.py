@@ -43,6 +43,7 @@ CELL_TYPES = ("rnn", "gru", "lstm", "ln_lstm")
 VOCAB_FILE = "vocab.json"
 SAMPLES_FILE = "samples.txt"
 EVAL_SPLITS = {"val": "validation", "test": "test"}  # results key prefix -> text split
+MODES = ("train", "eval", "sample")  # what `run` supports
 
 Carry = tuple[Any, ...]  # one batched state per layer
 
@@ -382,7 +383,7 @@ def run(
     from the run's `config.json`, taking only `common.EVAL_FIELDS` (`sample.*`,
     `eval_batch_size`, ...) / `common.RESUME_FIELDS` from `config`.
     """
-    common.check_mode(name, mode, ("train", "eval", "sample"))
+    common.check_mode(name, mode, MODES)
     if config.shuffle:
         raise ValueError("config.shuffle must be False: the carried state needs the windows of a stream in order.")
     config = common.config_for_run(config, workdir, mode, resume)
@@ -442,4 +443,4 @@ EXPERIMENTS = {
 }
 
 for _name, (_description, _get_config) in EXPERIMENTS.items():
-    registry.register(_name, _description, _get_config, functools.partial(run, name=_name))
+    registry.register(_name, _description, _get_config, functools.partial(run, name=_name), modes=MODES)

@@ -46,16 +46,26 @@ class Experiment(NamedTuple):
     description: str
     get_config: Callable[[], ml_collections.ConfigDict]
     run: RunFn
+    modes: tuple[str, ...] = ("train", "eval")  # the --mode values `run` supports
+    resumable: bool = True  # whether `--resume` applies
 
 
 _REGISTRY: dict[str, Experiment] = {}
 
 
-def register(name: str, description: str, get_config: Callable[[], ml_collections.ConfigDict], run: RunFn) -> None:
-    """Adds an experiment; names are unique."""
+def register(
+    name: str,
+    description: str,
+    get_config: Callable[[], ml_collections.ConfigDict],
+    run: RunFn,
+    modes: tuple[str, ...] = ("train", "eval"),
+    resumable: bool = True,
+) -> None:
+    """Adds an experiment; names are unique. `modes` and `resumable` say what `run`
+    supports, so that `launch.py` refuses the rest before reading any workdir."""
     if name in _REGISTRY:
         raise ValueError(f"experiment {name!r} is registered twice.")
-    _REGISTRY[name] = Experiment(name, description, get_config, run)
+    _REGISTRY[name] = Experiment(name, description, get_config, run, tuple(modes), resumable)
 
 
 def get(name: str) -> Experiment:

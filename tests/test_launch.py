@@ -57,8 +57,10 @@ def test_list_shows_every_mnist_experiment():
         (["--experiment=no_such_experiment"], ["unknown experiment 'no_such_experiment'", "bilstm_mnist"]),
         (["--config.no_such_field=3"], ["unknown config field 'no_such_field'"]),
         (["--config.batch_size=many"], ["--config.batch_size=many"]),
+        (["--experiment=sine_lstm", "--mode=sample"], ["'sine_lstm' supports --mode=train|eval, not --mode=sample"]),
+        (["--experiment=bench_unroll", "--resume"], ["'bench_unroll' does not resume"]),
     ],
-    ids=["unknown-experiment", "unknown-field", "ill-typed-value"],
+    ids=["unknown-experiment", "unknown-field", "ill-typed-value", "unsupported-mode", "not-resumable"],
 )
 def test_bad_flags_fail_with_one_line(args, fragments):
     assert_one_line_error(launch(*args), *fragments)
