@@ -105,13 +105,13 @@ class Checkpointer:
         missing = sorted(set(requested) - set(stored), key=_params_first)
         unexpected = sorted(set(stored) - set(requested), key=_params_first)
         if missing:
-            problems.append(f"the model has {len(missing)} arrays the checkpoint lacks ({_names(missing)})")
+            problems.append(f"the model has {_count(missing)} the checkpoint lacks ({_names(missing)})")
         if unexpected:
-            problems.append(f"the checkpoint has {len(unexpected)} arrays the model lacks ({_names(unexpected)})")
+            problems.append(f"the checkpoint has {_count(unexpected)} the model lacks ({_names(unexpected)})")
         shapes = [f"{name} stored {stored[name]}, requested {requested[name]}"
                   for name in sorted(set(stored) & set(requested), key=_params_first) if tuple(stored[name]) != tuple(requested[name])]
         if shapes:
-            problems.append(f"{len(shapes)} arrays differ in shape: {'; '.join(shapes[:4])}"
+            problems.append(f"{_count(shapes)} differ in shape: {'; '.join(shapes[:4])}"
                             + (f"; and {len(shapes) - 4} more" if len(shapes) > 4 else ""))
         return "; ".join(problems)
 
@@ -130,6 +130,10 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def _params_first(name: str) -> tuple[bool, str]:
     """Sort key: the model's params before the optimiser state that mirrors them."""
     return (not name.startswith("params."), name)
+
+
+def _count(items: list[str]) -> str:
+    return f"{len(items)} array" + ("" if len(items) == 1 else "s")
 
 
 def _names(names: list[str], shown: int = 4) -> str:
