@@ -24,6 +24,7 @@ from rnnlab.data import (
     split_sizes,
     stream_batches,
 )
+from rnnlab.data import errors as data_errors
 from rnnlab.data.mnist import IDX_FILES
 
 
@@ -306,22 +307,47 @@ def test_stream_batches_errors():
 # ---------------------------------------------------------------- TensorFlow Datasets
 
 
-def test_tfds_mnist_mock(tmp_path):
+def _tfds_examples(tfds, name: str, split: str, data_dir: str) -> list[dict]:
+    """Every example of a TFDS split, read one at a time, as numpy."""
+    return list(tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir)))
+
+
+# chunk=4 < num_examples=6: the split is read in two chunks that must both be kept.
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_tfds_mnist_mock(tmp_path, monkeypatch, chunk):
     tfds = pytest.importorskip("tensorflow_datasets")
+    if chunk is not None:
+        monkeypatch.setattr(data_errors, "_TFDS_CHUNK", chunk)
     with tfds.testing.mock_data(num_examples=6):
         for split in ("train", "test"):
             loaded = load_mnist(split, tfds_data_dir=str(tmp_path))
+            expected = _tfds_examples(tfds, "mnist", split, str(tmp_path))
             assert loaded.images.shape == (6, 28, 28) and loaded.images.dtype == np.uint8
             assert loaded.labels.shape == (6,) and loaded.labels.dtype == np.int32
-            assert 0 <= loaded.labels.min() and loaded.labels.max() <= 9
+            expected_labels = [example["label"] for example in expected]
+            assert len(set(expected_labels)) > 1  # so constant labels cannot pass
+            np.testing.assert_array_equal(
+                loaded.images, np.stack([example["image"][..., 0] for example in expected])
+            )
+            np.testing.assert_array_equal(loaded.labels, expected_labels)
 
 
 def test_tfds_tiny_shakespeare_mock(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=1):
+    tf = pytest.importorskip("tensorflow")
+    texts = {
+        "train": "First Citizen:\nBefore we proceed any further, hear me speak.\n",
+        "validation": "All:\nSpeak, speak.\n",
+        "test": "MENENIUS:\nWhy, masters \u2014 my good friends?\n",
+    }
+
+    def as_dataset(self, split, **kwargs):
+        """Mock of TFDS's `_as_dataset`: one example holding `split`'s own text."""
+        return tf.data.Dataset.from_tensors({"text": tf.constant(texts[split].encode("utf-8"))})
+
+    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
         splits = load_text_splits(tfds_data_dir=str(tmp_path))
-    assert sorted(splits) == ["test", "train", "validation"]
-    assert all(isinstance(text, str) and text for text in splits.values())
+    assert splits == texts
 
 
 def test_tfds_offline_is_one_clear_error(tmp_path, monkeypatch):
