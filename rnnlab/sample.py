@@ -13,6 +13,8 @@ int32, `logits: [B, T, V]` and a batched recurrent `carry`, e.g. the char LM of
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 import jax
@@ -47,14 +49,29 @@ def next_token(logits: Array, key: jax.Array, temperature: float, top_k: Optiona
     """
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    # From the row's maximum, so that a tiny temperature cannot overflow to inf - inf.
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_tokens", "temperature", "top_k"))
+def check_options(temperature: float, top_k: Optional[int], num_tokens: int) -> tuple[float, Optional[int], int]:
+    """`(temperature, top_k, num_tokens)` as Python numbers, or a one-line `ValueError`:
+    a finite `temperature >= 0`, `top_k` `None` or an integer `>= 1`, `num_tokens >= 0`
+    (NumPy numbers accepted; booleans are not numbers here)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+        math.isfinite(temperature) and temperature >= 0
+    ):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}.")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or num_tokens < 0:
+        raise ValueError(f"the number of tokens to generate must be an integer >= 0, got {num_tokens!r}.")
+    return float(temperature), None if top_k is None else int(top_k), int(num_tokens)
+
+
 def sample_ids(
     apply_fn: ApplyFn,
     params: Any,
@@ -69,8 +86,9 @@ def sample_ids(
     """Continues `prompt_ids` by `num_tokens` sampled tokens in every row of the batch.
 
     The prompt is read in one `apply_fn` call (which warms the state); each new token is
-    then fed back, one `apply_fn` call per token inside `jax.lax.scan`. The result
-    depends only on the inputs and `key` (deterministic for a given key).
+    then fed back, one `apply_fn` call per token inside `jax.lax.scan`, all under one
+    `jit`. The result depends only on the inputs and `key` (deterministic for a given
+    key); every step draws with its own key.
 
     Args:
       apply_fn: the model (static: a hashable function).
@@ -78,13 +96,33 @@ def sample_ids(
       carry: the initial recurrent state for `B` rows.
       prompt_ids: `[P]` (shared by all rows) or `[B, P]` int token ids, `P >= 1`.
       key: PRNG key.
-      num_tokens: `N`, how many tokens to generate.
-      temperature: see `next_token`; 0 is greedy decoding.
-      top_k: see `next_token`.
+      num_tokens: `N >= 0`, how many tokens to generate.
+      temperature: see `next_token`; a finite number `>= 0`, 0 is greedy decoding.
+      top_k: see `next_token`; `None` or an integer `>= 1`.
 
     Returns:
       `[B, N]` int32, the generated tokens (the prompt not included).
+
+    Raises:
+      ValueError: for an empty prompt or options out of range (`check_options`).
     """
+    temperature, top_k, num_tokens = check_options(temperature, top_k, num_tokens)
+    return _sample_ids(apply_fn, params, carry, prompt_ids, key, num_tokens, temperature=temperature, top_k=top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_tokens", "temperature", "top_k"))
+def _sample_ids(
+    apply_fn: ApplyFn,
+    params: Any,
+    carry: Carry,
+    prompt_ids: Array,
+    key: jax.Array,
+    num_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+) -> Array:
+    """`sample_ids` with checked options (static, so that each setting compiles once)."""
     batch_size = jax.tree.leaves(carry)[0].shape[0]
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     if prompt_ids.ndim == 1:
@@ -123,12 +161,7 @@ def generate_text(
     """
     if not prompt:
         raise ValueError("the prompt is empty: give at least one character to start from.")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}.")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}.")
+    check_options(temperature, top_k, num_chars)  # before encoding: the cheaper errors first
     prompt_ids = np.asarray(vocab.encode(prompt), np.int32)
-    ids = sample_ids(
-        apply_fn, params, carry, prompt_ids, key, num_chars, temperature=float(temperature), top_k=top_k
-    )
+    ids = sample_ids(apply_fn, params, carry, prompt_ids, key, num_chars, temperature=temperature, top_k=top_k)
     return [vocab.decode(row.tolist()) for row in np.asarray(ids)]

@@ -135,9 +135,58 @@ def test_prompt_outside_the_vocabulary_raises(tiny_lm):
 
 @pytest.mark.parametrize(
     "prompt, options, message",
-    [("", {}, "prompt is empty"), ("a", {"temperature": -1.0}, "temperature"), ("a", {"top_k": 0}, "top_k")],
+    [
+        ("", {}, "prompt is empty"),
+        ("a", {"temperature": -1.0}, "temperature"),
+        ("a", {"temperature": float("nan")}, "temperature must be a finite number"),
+        ("a", {"top_k": 0}, "top_k"),
+    ],
 )
 def test_bad_sampling_options_raise(tiny_lm, prompt, options, message):
     model, params = tiny_lm
     with pytest.raises(ValueError, match=message):
         sample.generate_text(model.apply, params, model.init_carry(1), VOCAB, prompt, jax.random.PRNGKey(0), 5, **options)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0"),
+        ({"top_k": 0}, "top_k must be a positive integer"),
+        ({"top_k": -1}, "top_k must be a positive integer"),
+        ({"top_k": True}, "top_k must be a positive integer"),
+        ({"num_tokens": -1}, "integer >= 0, got -1"),
+    ],
+)
+def test_sample_ids_checks_its_options_itself(bigram_table, options, message):
+    arguments = {"num_tokens": 5, **options}
+    num_tokens = arguments.pop("num_tokens")
+    with pytest.raises(ValueError, match=message):
+        sample.sample_ids(bigram_apply, bigram_table, jnp.zeros((2,), jnp.int32), VOCAB.encode("a"),
+                          jax.random.PRNGKey(0), num_tokens, **arguments)
+
+
+def test_numpy_options_are_accepted_and_a_tiny_temperature_is_greedy(bigram_table):
+    carry, prompt = jnp.zeros((3,), jnp.int32), VOCAB.encode("ab")
+    run = lambda **options: np.asarray(sample.sample_ids(bigram_apply, bigram_table, carry, prompt,
+                                                         jax.random.PRNGKey(5), 30, **options))
+    np.testing.assert_array_equal(run(top_k=np.int64(2), temperature=np.float32(0.5)), run(top_k=2, temperature=0.5))
+    # logits / 1e-39 overflows unless taken from the row's maximum
+    np.testing.assert_array_equal(run(temperature=1e-39), run(temperature=0.0))
+
+
+def test_every_step_draws_with_its_own_key():
+    # Uniform logits: a key shared by all steps would repeat one token along each row.
+    uniform = jnp.zeros((VOCAB.size, VOCAB.size))
+    tokens = np.asarray(sample.sample_ids(bigram_apply, uniform, jnp.zeros((4,), jnp.int32), VOCAB.encode("a"),
+                                          jax.random.PRNGKey(2), 64))
+    for row in tokens:
+        assert len(set(row.tolist())) > VOCAB.size // 2
+
+
+def test_top_k_keeps_every_token_tied_at_the_kth_value():
+    logits = jnp.log(jnp.asarray([2.0, 2.0, 2.0, 1.0]))  # three tied maxima, k = 1
+    draws = sample.next_token(jnp.broadcast_to(logits, (3000, 4)), jax.random.PRNGKey(0), 1.0, 1)
+    counts = np.bincount(np.asarray(draws), minlength=4)
+    assert counts[3] == 0 and np.all(counts[:3] > 800)
