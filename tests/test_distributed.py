@@ -97,12 +97,14 @@ def _run_and_report(workdir: str, data_dir: str) -> dict[str, Any]:
     from rnnlab import distributed, train
 
     config = make_config()
-    if jax.process_index() != 0:
-        # Unpatched train.py writes config.json and results.json from every process via
-        # the same PATH.tmp, so one process's rename can fail and the other then hangs in
-        # the next collective (seen in about 1 run in 5). Only process 0 writes here;
-        # test_two_processes_log_once keeps the bug visible.
-        train.write_json = lambda path, value: None
+    json_writes: list[str] = []  # the files this process writes with train.write_json
+    write_json = train.write_json
+
+    def recording_write_json(path: str, value: Any) -> None:
+        json_writes.append(os.path.basename(path))
+        write_json(path, value)
+
+    train.write_json = recording_write_json
     shardings: list = []
     task = recording_task(config, shardings)
     train_data, test_data = load_data(data_dir)
@@ -140,6 +142,7 @@ def _run_and_report(workdir: str, data_dir: str) -> dict[str, Any]:
         "batch_ids": ids.tolist(),
         "batch_index_shards": _shards(batch["index"]),
         "results": result.results,
+        "json_writes": json_writes,
         "evaluate": (train.evaluate(task, state.params, test_data, config.eval_batch_size)
                      if jax.process_count() == 1 else None),
     }
@@ -400,3 +403,15 @@ def test_two_processes_log_once(two_processes):
              if json.loads(line)["split"] == "train"]
     assert steps == list(range(1, OVERRIDES["num_steps"] + 1))
     assert len([name for name in os.listdir(workdir) if name.startswith("events.out.tfevents")]) == 1
+
+
+def test_two_processes_write_json_once(two_processes):
+    """Only process 0 writes config.json and results.json (two writers would race on
+    the same PATH.tmp), each once, and both files are complete JSON."""
+    reports, workdir = two_processes
+    assert [report["json_writes"] for report in reports] == [["config.json", "results.json"], []]
+    assert not [name for name in os.listdir(workdir) if name.endswith(".tmp")]
+    config = json.loads((workdir / "config.json").read_text())
+    assert {name: config[name] for name in ("num_steps", "batch_size", "num_units")} == {
+        name: OVERRIDES[name] for name in ("num_steps", "batch_size", "num_units")}
+    assert json.loads((workdir / "results.json").read_text()) == reports[0]["results"]
