@@ -363,3 +363,15 @@ def test_tfds_offline_is_one_clear_error(tmp_path, monkeypatch):
             load(tfds_data_dir=str(tmp_path), **kwargs)
         assert "--data_dir" in str(info.value) and DATA_DIR_ENV in str(info.value)
         assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_tfds_data_dir_under_a_file_names_the_path(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    (tmp_path / "file").write_text("not a directory")
+    tfds_data_dir = str(tmp_path / "file" / "tfds")
+    with pytest.raises(DataError, match="could not use --tfds_data_dir") as info:
+        load_mnist("train", tfds_data_dir=tfds_data_dir)
+    message = str(info.value)
+    assert tfds_data_dir in message and "NotADirectoryError" in message and "writable directory" in message
+    assert "download" not in message and "network" not in message
+    assert "--data_dir" in message and DATA_DIR_ENV in message

@@ -9,6 +9,8 @@ first time a dataset is used.
 from __future__ import annotations
 
 import os
+import socket
+import urllib.error
 
 import numpy as np
 
@@ -68,8 +70,8 @@ def load_tfds_split(
       A dict from feature name to an array whose leading axis indexes examples.
 
     Raises:
-      DataError: TFDS is not installed, could not download the data, or the split
-        is empty.
+      DataError: TFDS is not installed, could not download the data or use its data
+        directory (`tfds_data_dir`), or the split is empty.
     """
     try:
         import tensorflow_datasets as tfds
@@ -82,11 +84,36 @@ def load_tfds_split(
         dataset = tfds.load(name, split=split, batch_size=_TFDS_CHUNK, data_dir=tfds_data_dir)
         chunks = list(tfds.as_numpy(dataset))
     except (OSError, tfds.download.DownloadError) as exc:
+        if _is_download_error(exc, tfds):
+            raise DataError(
+                f"No local data directory is set and TensorFlow Datasets could not download "
+                f"'{name}' ({type(exc).__name__}: {exc}). {_local_data_hint(layout)}, "
+                "or run with network access."
+            ) from None
+        where = f"--tfds_data_dir {tfds_data_dir}" if tfds_data_dir else "its default data directory"
         raise DataError(
-            f"No local data directory is set and TensorFlow Datasets could not download "
-            f"'{name}' ({type(exc).__name__}: {exc}). {_local_data_hint(layout)}, "
-            "or run with network access."
+            f"No local data directory is set and TensorFlow Datasets could not use {where} "
+            f"for '{name}' ({type(exc).__name__}: {exc}); --tfds_data_dir must name a writable "
+            f"directory. {_local_data_hint(layout)} to read local files instead."
         ) from None
     if not chunks:
         raise DataError(f"TensorFlow Datasets returned no examples for {name} split '{split}'.")
     return {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
+
+
+def _is_download_error(exc: BaseException, tfds) -> bool:
+    """Whether `exc`, raised by TFDS, is a failed download rather than a local file error."""
+    network_errors: tuple[type[BaseException], ...] = (
+        tfds.download.DownloadError,
+        ConnectionError,
+        TimeoutError,
+        socket.gaierror,
+        urllib.error.URLError,
+    )
+    try:
+        import requests
+    except ImportError:
+        pass
+    else:
+        network_errors += (requests.exceptions.RequestException,)
+    return isinstance(exc, network_errors)
