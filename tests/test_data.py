@@ -165,9 +165,10 @@ def test_env_var_resolution(mnist_dir, monkeypatch, tmp_path_factory):
     other_written = data_fixtures.write_mnist_idx(other, num_test=5, seed=9)
     from_other = load_mnist("test", data_dir=str(other))
     np.testing.assert_array_equal(from_other.labels, other_written["test"].labels)
-    monkeypatch.setenv(DATA_DIR_ENV, str(other / "empty"))
-    with pytest.raises(DataError, match="empty"):
+    monkeypatch.setenv(DATA_DIR_ENV, str(other / "unset"))
+    with pytest.raises(DataError, match="does not exist") as info:
         load_mnist("test")
+    assert os.path.join(str(other / "unset"), "mnist") in str(info.value)
 
 
 def test_normalise_images():
@@ -223,6 +224,43 @@ def test_missing_text_file(tmp_path):
     with pytest.raises(DataError, match="--data_dir") as info:
         load_text_splits(data_dir=str(tmp_path))
     assert os.path.join(str(tmp_path), "tiny_shakespeare", "input.txt") in str(info.value)
+
+
+def _write_input_txt(root, text: str) -> str:
+    path = root / "tiny_shakespeare" / "input.txt"
+    path.parent.mkdir()
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_empty_text_file(tmp_path):
+    path = _write_input_txt(tmp_path, "")
+    with pytest.raises(DataError, match="the file is empty") as info:
+        load_text_splits(data_dir=str(tmp_path))
+    assert path in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "num_chars, message", [(1, "the train and validation splits empty"), (10, "the validation split empty")]
+)
+def test_text_too_short_for_three_splits(tmp_path, num_chars, message):
+    path = _write_input_txt(tmp_path, "a" * num_chars)
+    with pytest.raises(DataError, match=message) as info:
+        load_text_splits(data_dir=str(tmp_path))
+    assert path in str(info.value) and "at least 11 characters" in str(info.value)
+
+
+def test_shortest_text_gives_three_splits(tmp_path):
+    _write_input_txt(tmp_path, "abcdefghijk")
+    assert load_text_splits(data_dir=str(tmp_path)) == {"train": "abcdefghi", "validation": "j", "test": "k"}
+
+
+def test_text_file_is_a_directory(tmp_path):
+    path = tmp_path / "tiny_shakespeare" / "input.txt"
+    path.mkdir(parents=True)
+    with pytest.raises(DataError, match="is a directory") as info:
+        load_text_splits(data_dir=str(tmp_path))
+    assert str(path) in str(info.value)
 
 
 def test_undecodable_text_file(tmp_path):

@@ -19,6 +19,8 @@ from rnnlab.data.errors import DataError, load_tfds_split, missing_path_error, r
 
 TEXT_SPLITS = ("train", "validation", "test")
 _LAYOUT = "tiny_shakespeare/input.txt"
+# The shortest corpus whose three `split_sizes` are all non-empty.
+_MIN_CHARS = 11
 
 
 def split_sizes(num_chars: int) -> tuple[int, int, int]:
@@ -63,22 +65,42 @@ def load_text_splits(data_dir: str | None = None, tfds_data_dir: str | None = No
       {"train": str, "validation": str, "test": str}.
 
     Raises:
-      DataError: missing, empty or undecodable file, or TFDS could not provide it.
+      DataError: missing, empty or undecodable file, a corpus too short for three
+        non-empty splits, or TFDS could not provide it.
     """
     local_dir = resolve_data_dir(data_dir)
     if local_dir is None:
         return {split: _load_tfds(split, tfds_data_dir) for split in TEXT_SPLITS}
     path = os.path.join(local_dir, _LAYOUT)
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a directory, expected the text file {_LAYOUT}.")
     if not os.path.isfile(path):
         raise missing_path_error(path, _LAYOUT)
+    return _split_corpus(_read_text(path), path)
+
+
+def _read_text(path: str) -> str:
+    """The contents of `path`; DataError names the file when it is not UTF-8."""
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            text = f.read()
+            return f.read()
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 text ({exc}).") from None
+
+
+def _split_corpus(text: str, path: str) -> dict[str, str]:
+    """`split_text(text)`; DataError names `path` when the text is empty or a split would be."""
     if not text:
         raise DataError(f"{path}: the file is empty, expected a text corpus.")
-    return split_text(text)
+    splits = split_text(text)
+    empty = [split for split in TEXT_SPLITS if not splits[split]]
+    if empty:
+        raise DataError(
+            f"{path}: {len(text)} characters leave the {' and '.join(empty)} "
+            f"split{'s' if len(empty) > 1 else ''} empty; "
+            f"the corpus needs at least {_MIN_CHARS} characters."
+        )
+    return splits
 
 
 def _load_tfds(split: str, tfds_data_dir: str | None) -> str:
