@@ -25,6 +25,7 @@ from rnnlab.data import (
     stream_batches,
 )
 from rnnlab.data import errors as data_errors
+from rnnlab.data import sine as sine_data
 from rnnlab.data.mnist import IDX_FILES
 
 
@@ -340,6 +341,44 @@ def test_stream_batches_errors():
         stream_batches(np.zeros((10, 10), np.int32), 2, 2)
     with pytest.raises(ValueError, match="1-D integers"):
         stream_batches(np.zeros(100, np.float32), 2, 2)
+
+
+# ---------------------------------------------------------------- sine series
+
+
+def test_sine_split_ends_with_the_series_whatever_the_rounding():
+    series = np.arange(200_000, dtype=np.float32)
+    splits = sine_data.split_series(series, (0.8, 0.1, 0.09999))  # sums to 0.99999
+    np.testing.assert_array_equal(np.concatenate([splits[name] for name in sine_data.SPLITS]), series)
+
+
+@pytest.mark.parametrize(
+    "length, fractions, empty",
+    [(1, (0.8, 0.1, 0.1), "validation and test"), (5, (0.8, 0.1, 0.1), "validation"), (9, (0.9, 0.05, 0.05), "test")],
+)
+def test_sine_split_of_a_short_series_raises(length, fractions, empty):
+    with pytest.raises(ValueError, match=f"length {length} .* leaves {empty} empty"):
+        sine_data.split_series(np.zeros(length, np.float32), fractions)
+
+
+def test_sine_sizes_accept_numpy_integers_not_bools():
+    series = sine_data.sine_series(np.int64(20), phases=(0.0,))
+    np.testing.assert_array_equal(series, sine_data.sine_series(20, phases=(0.0,)))
+    inputs, targets = sine_data.make_windows(series, np.int32(4))
+    assert inputs.shape == (16, 4, 1) and targets.shape == (16,)
+    for bad in (True, np.bool_(True), 2.0, np.int64(0)):
+        with pytest.raises(ValueError, match="num_points must be a positive integer"):
+            sine_data.sine_series(bad)
+        with pytest.raises(ValueError, match="window must be a positive integer"):
+            sine_data.make_windows(series, bad)
+
+
+def test_sine_series_must_be_one_dimensional():
+    series = np.zeros((50, 2), np.float32)
+    with pytest.raises(ValueError, match=r"series must be 1-D \[N\], got shape \(50, 2\)"):
+        sine_data.split_series(series)
+    with pytest.raises(ValueError, match=r"series must be 1-D \[N\], got shape \(50, 2\)"):
+        sine_data.make_windows(series, 4)
 
 
 # ---------------------------------------------------------------- TensorFlow Datasets

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import numpy as np
@@ -40,8 +41,7 @@ def sine_series(
     Returns:
       `[num_points]` float32.
     """
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points <= 0:
-        raise ValueError(f"num_points must be a positive integer, got {num_points!r}.")
+    num_points = _positive_int(num_points, "num_points")
     frequencies = np.asarray(frequencies, np.float64)
     if frequencies.ndim != 1 or frequencies.size == 0:
         raise ValueError(f"frequencies must be a non-empty sequence, got {frequencies.tolist()!r}.")
@@ -53,6 +53,20 @@ def sine_series(
     t = np.arange(num_points)[:, None] * dt  # [N, 1]
     clean = np.sum(amplitudes * np.sin(2 * np.pi * frequencies * t + phases), axis=1)
     return (clean + noise_std * rng.standard_normal(num_points)).astype(np.float32)
+
+
+def _positive_int(value: int, name: str) -> int:
+    """`value` as an int: any integer type (`np.int64` included) but bool, and positive."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _one_dimensional(series: np.ndarray) -> np.ndarray:
+    series = np.asarray(series)
+    if series.ndim != 1:
+        raise ValueError(f"series must be 1-D [N], got shape {series.shape}.")
+    return series
 
 
 def _per_frequency(values: Optional[Sequence[float]], default: np.ndarray, name: str) -> np.ndarray:
@@ -68,13 +82,26 @@ def split_series(series: np.ndarray, fractions: Sequence[float] = (0.8, 0.1, 0.1
     """Cuts `series` into contiguous train / validation / test parts, in that order.
 
     Contiguous cuts keep the test part in the future of the training part, so windows
-    of one split never overlap another's.
+    of one split never overlap another's. The test part always ends with the series,
+    however the fractions round.
+
+    Raises:
+      ValueError: `series` not 1-D, fractions not three positive numbers summing to 1,
+        or a part that would be empty.
     """
+    series = _one_dimensional(series)
     fractions = np.asarray(fractions, np.float64)
     if fractions.shape != (3,) or np.any(fractions <= 0) or not np.isclose(fractions.sum(), 1.0):
         raise ValueError(f"fractions must be three positive numbers summing to 1, got {fractions.tolist()!r}.")
     ends = np.round(np.cumsum(fractions) * len(series)).astype(int)
+    ends[-1] = len(series)
     starts = np.concatenate([[0], ends[:-1]])
+    empty = [name for name, start, end in zip(SPLITS, starts, ends) if end <= start]
+    if empty:
+        raise ValueError(
+            f"a series of length {len(series)} split by fractions {fractions.tolist()!r} "
+            f"leaves {' and '.join(empty)} empty; use a longer series."
+        )
     return {name: series[start:end] for name, start, end in zip(SPLITS, starts, ends)}
 
 
@@ -87,9 +114,12 @@ def make_windows(series: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarra
 
     Returns:
       `(inputs [N - W, W, 1], targets [N - W])`: `targets[i] = series[i + W]`.
+
+    Raises:
+      ValueError: `window` not a positive integer, `series` not 1-D, or `N <= W`.
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise ValueError(f"window must be a positive integer, got {window!r}.")
+    window = _positive_int(window, "window")
+    series = _one_dimensional(series)
     if len(series) <= window:
         raise ValueError(f"a series of length {len(series)} has no window of {window} values plus a target.")
     inputs = np.lib.stride_tricks.sliding_window_view(series[:-1], window)  # [N - W, W]
