@@ -72,6 +72,7 @@ def check_options(temperature: float, top_k: Optional[int], num_tokens: int) -> 
     return float(temperature), None if top_k is None else int(top_k), int(num_tokens)
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "num_tokens", "temperature", "top_k"))
 def sample_ids(
     apply_fn: ApplyFn,
     params: Any,
@@ -106,23 +107,7 @@ def sample_ids(
     Raises:
       ValueError: for an empty prompt or options out of range (`check_options`).
     """
-    temperature, top_k, num_tokens = check_options(temperature, top_k, num_tokens)
-    return _sample_ids(apply_fn, params, carry, prompt_ids, key, num_tokens, temperature=temperature, top_k=top_k)
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "num_tokens", "temperature", "top_k"))
-def _sample_ids(
-    apply_fn: ApplyFn,
-    params: Any,
-    carry: Carry,
-    prompt_ids: Array,
-    key: jax.Array,
-    num_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-) -> Array:
-    """`sample_ids` with checked options (static, so that each setting compiles once)."""
+    temperature, top_k, num_tokens = check_options(temperature, top_k, num_tokens)  # static: checked when traced
     batch_size = jax.tree.leaves(carry)[0].shape[0]
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     if prompt_ids.ndim == 1:
