@@ -409,6 +409,15 @@ def test_tfds_mnist_mock(tmp_path, monkeypatch, chunk):
             np.testing.assert_array_equal(loaded.labels, expected_labels)
 
 
+def test_reading_through_tfds_says_so_first(tmp_path, caplog):
+    # The download path can take minutes offline: the user is told before it starts.
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=2), caplog.at_level("WARNING"):
+        load_mnist("test", tfds_data_dir=str(tmp_path))
+    assert "No local data directory is set: reading 'mnist' test through TensorFlow Datasets" in caplog.text
+    assert "Pass --data_dir DIR" in caplog.text
+
+
 def test_tfds_tiny_shakespeare_mock(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     tf = pytest.importorskip("tensorflow")

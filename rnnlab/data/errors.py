@@ -13,6 +13,7 @@ import socket
 import urllib.error
 
 import numpy as np
+from absl import logging
 
 DATA_DIR_ENV = "RNNLAB_DATA_DIR"
 
@@ -80,6 +81,12 @@ def load_tfds_split(
             f"No local data directory is set and tensorflow-datasets is not installed "
             f"({exc}). {_local_data_hint(layout)}."
         ) from None
+    logging.warning(
+        "No local data directory is set: reading '%s' %s through TensorFlow Datasets, which downloads it on "
+        "first use (without network access that fails after TFDS's retries, a few minutes). %s to read "
+        "local files.",
+        name, split, _local_data_hint(layout),
+    )
     try:
         dataset = tfds.load(name, split=split, batch_size=_TFDS_CHUNK, data_dir=tfds_data_dir)
         chunks = list(tfds.as_numpy(dataset))
