@@ -123,7 +123,7 @@ def unroll(
         raise ValueError(_RNG_OR_INITIAL_STATE)
     else:
         _check_batched_state(initial_state, batch_size)
-    _check_step_shapes(cell, params, initial_state, xs)
+    initial_state = _state_for_steps(cell, params, initial_state, xs)
 
     if reverse:
         xs = reverse_sequence(xs, lengths)
@@ -286,11 +286,12 @@ def _check_batched_state(state: State, batch_size: int) -> None:
             )
 
 
-def _check_step_shapes(cell: RNNCell, params: Params, state: State, xs: Array) -> None:
-    """Traces one step abstractly, so that shape errors surface with the cell's message,
-    and checks that it returns a state like the one it got (structure, shapes, dtypes),
-    as every unroll method needs: e.g. bfloat16 params give a bfloat16 state, which a
-    float32 input would promote."""
+def _state_for_steps(cell: RNNCell, params: Params, state: State, xs: Array) -> State:
+    """`state`, checked against the cell's state and one step traced abstractly (so that
+    shape errors surface with the cell's message), and cast to the dtypes that step
+    returns: e.g. bfloat16 params give a bfloat16 state, which float32 inputs promote to
+    float32. A scan's carry cannot change dtype, so every method starts from the
+    promoted state (a Python loop would promote it at the first step anyway)."""
     one_state = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf)[1:], leaf.dtype), state)
     x = jax.ShapeDtypeStruct(xs.shape[2:], xs.dtype)
     expected = jax.eval_shape(cell.initial_state, params)  # without keys: comparable unless the cell is random
@@ -298,7 +299,7 @@ def _check_step_shapes(cell: RNNCell, params: Params, state: State, xs: Array) -
         for (path, given), like in zip(jax.tree_util.tree_leaves_with_path(one_state), jax.tree.leaves(expected)):
             if given.shape != like.shape:
                 raise ValueError(
-                    f"initial_state leaf {jax.tree_util.keystr(path)} must have shape [B] + {list(like.shape)} "
+                    f"initial_state leaf {_leaf_name(path)} must have shape [B] + {list(like.shape)} "
                     f"for {cell.name}, got [B] + {list(given.shape)}."
                 )
     try:
@@ -312,12 +313,17 @@ def _check_step_shapes(cell: RNNCell, params: Params, state: State, xs: Array) -
             f"{jax.tree.structure(one_state)}, the step returns {jax.tree.structure(new_state)}."
         )
     for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(one_state), jax.tree.leaves(new_state)):
-        if (old.shape, old.dtype) != (new.shape, new.dtype):
-            raise TypeError(
-                f"{cell.name}: one step turns the state leaf {jax.tree_util.keystr(path)} from "
-                f"{_describe(old)} into {_describe(new)} (inputs {_describe(x)}); give the params, the "
-                "inputs and initial_state dtypes that keep the state's, e.g. cast the inputs to the params' dtype."
+        if old.shape != new.shape:
+            raise ValueError(
+                f"{cell.name}: one step turns the state leaf {_leaf_name(path)} from {_describe(old)} into "
+                f"{_describe(new)}; a state keeps its shape."
             )
+    return jax.tree.map(lambda leaf, new: leaf if leaf.dtype == new.dtype else leaf.astype(new.dtype), state, new_state)
+
+
+def _leaf_name(path: Any) -> str:
+    """A state leaf's path as `rnnlab.unroll`'s messages name it."""
+    return jax.tree_util.keystr(path) or "(the whole state)"
 
 
 def _describe(tree: Any) -> str:

@@ -650,16 +650,22 @@ def test_initial_state_with_wrong_batch_size_is_rejected() -> None:
         rnnlab.unroll(cell, params, xs, initial_state=unbatched)
 
 
-@pytest.mark.parametrize("method", ["scan", "static"])
-def test_a_state_the_step_would_change_the_dtype_of_is_rejected_by_every_method(method: str) -> None:
-    # bfloat16 params keep a bfloat16 state, which a float32 input promotes: a scan
-    # carry cannot change dtype, so every method refuses it, naming the leaf.
-    cell = lstm(4)
+@pytest.mark.parametrize("cell_name", ["lstm", "min_gru"])
+def test_a_state_the_step_promotes_starts_promoted_in_every_method(cell_name: str) -> None:
+    # bfloat16 params keep a bfloat16 state, which float32 inputs promote to float32 at
+    # the first step: a scan's carry cannot change dtype, so every method starts from
+    # the promoted state and gives the numbers of a Python loop.
+    cell = {"lstm": lambda: lstm(4), "min_gru": lambda: rnnlab.cells.min_gru(4)}[cell_name]()
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), cell.init(jax.random.PRNGKey(0), I))
-    with pytest.raises(TypeError, match=r"turns the state leaf \.c from bfloat16\[4\] into float32\[4\]"):
-        rnnlab.unroll(cell, params, random_inputs(1), method=method)
-    ys, _ = rnnlab.unroll(cell, params, random_inputs(1).astype(jnp.bfloat16), method=method)
-    assert ys.dtype == jnp.bfloat16
+    xs = random_inputs(1)
+    methods = ["scan", "static"] + (["associative"] if cell.linear_recurrence else [])
+    runs = {method: rnnlab.unroll(cell, params, xs, method=method) for method in methods}
+    runs["fused=False"] = rnnlab.unroll(cell, params, xs, fused=False)
+    given = jax.tree.map(lambda leaf: leaf.astype(jnp.bfloat16), rnnlab.batched_initial_state(cell, params, B))
+    runs["bfloat16 state"] = rnnlab.unroll(cell, params, xs, initial_state=given)
+    for name, (ys, final) in runs.items():
+        assert ys.dtype == jnp.float32 and all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(final)), name
+        assert_trees_close((ys, final), runs["static"], rtol=1e-5, atol=1e-6)
 
 
 def test_an_initial_state_of_the_wrong_width_or_structure_is_rejected_by_name() -> None:
@@ -668,6 +674,9 @@ def test_an_initial_state_of_the_wrong_width_or_structure_is_rejected_by_name() 
         rnnlab.unroll(cell, params, xs, initial_state=LSTMState(c=jnp.zeros((B, 8)), h=jnp.zeros((B, 8))))
     with pytest.raises(TypeError, match=r"initial_state does not have the structure of lstm"):
         rnnlab.unroll(cell, params, xs, initial_state=(jnp.zeros((B, 8)), jnp.zeros((B, 5))))
+    gru_cell, gru_params, _, _ = case("gru")  # a state of one array
+    with pytest.raises(ValueError, match=r"leaf \(the whole state\) must have shape \[B\] \+ \[7\]"):
+        rnnlab.unroll(gru_cell, gru_params, xs, initial_state=jnp.zeros((B, 3)))
 
 
 def test_associative_method_rejects_a_nonlinear_cell(rnn_case) -> None:
