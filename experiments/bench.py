@@ -10,6 +10,7 @@ The workdir receives `results.json`, `report.md` and the plots (see docs/benchma
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import ml_collections
@@ -32,7 +33,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train", **
     del launch_options
     if mode != "train":
         raise ValueError(f"bench_unroll only runs (mode 'train'), got mode {mode!r}.")
-    payload = bench.run_benchmark(bench.BenchConfig.from_dict(config.to_dict()), workdir)
+    # Progress and tables on stderr: launch.py's stdout is the results' one JSON document.
+    log = lambda line: print(line, file=sys.stderr)
+    payload = bench.run_benchmark(bench.BenchConfig.from_dict(config.to_dict()), workdir, log=log)
     fastest: dict[str, dict[str, Any]] = {}
     for record in payload["results"]:
         if record["time_ms"] is None or record["kind"] in ("peak", "floor"):

@@ -338,8 +338,6 @@ def check_sample_options(options: ml_collections.ConfigDict, vocab: text_data.Vo
     unknown = sorted(set(options.prompt) - set(vocab.to_json()))
     if unknown:
         raise ValueError(f"config.sample.prompt has characters outside the vocabulary: {unknown!r}.")
-    if not (isinstance(options.temperature, (int, float)) and options.temperature >= 0):
-        raise ValueError(f"config.sample.temperature must be >= 0 (0 is greedy), got {options.temperature!r}.")
     top_k = options.top_k
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= vocab.size:
         raise ValueError(f"config.sample.top_k must be an integer from 0 (all) to the vocabulary size "
@@ -347,6 +345,10 @@ def check_sample_options(options: ml_collections.ConfigDict, vocab: text_data.Vo
     for name in ("num_chars", "num_samples"):
         if isinstance(options[name], bool) or not isinstance(options[name], int) or options[name] < 1:
             raise ValueError(f"config.sample.{name} must be a positive integer, got {options[name]!r}.")
+    try:  # the rules `generate` applies: a finite temperature >= 0, ...
+        sample.check_options(options.temperature, top_k or None, options.num_chars)
+    except ValueError as error:
+        raise ValueError(f"config.sample: {error}") from None
 
 
 def write_samples(path: str, texts: list[str], options: ml_collections.ConfigDict, step: int, mode: str = "w") -> None:

@@ -35,7 +35,9 @@ class MetricWriter:
         # seconds that only a run that writes events should pay.
         from tensorboardX import SummaryWriter
 
-        self._tensorboard = SummaryWriter(logdir=workdir, purge_step=resume_step)
+        # TensorBoard purges the steps >= purge_step: keep what metrics.jsonl keeps (<= resume_step).
+        purge_step = None if resume_step is None else resume_step + 1
+        self._tensorboard = SummaryWriter(logdir=workdir, purge_step=purge_step)
 
     def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
         """Logs scalar `values` of `split` ("train", "test", ...) at `step`; a record

@@ -3,6 +3,7 @@ before timing, skipped peers and methods, the experiment entry point."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -189,7 +190,8 @@ def test_unavailable_cell_and_variants_do_not_crash(monkeypatch):
 
 def test_the_summary_reads_the_reference_even_when_the_first_method_is_skipped():
     payload = bench.run_benchmark(
-        tiny(methods="associative,scan", peers="flax_lstm", modes="forward", matmul_floor=False), log=quiet
+        tiny(methods="associative,scan", extra="gru", peers="flax_lstm", modes="forward", matmul_floor=False),
+        log=quiet,
     )
     (reference,) = records(payload, target="lstm/scan")
     assert reference["note"] == "reference" and records(payload, target="lstm/associative")[0]["status"] == "skipped"
@@ -197,6 +199,9 @@ def test_the_summary_reads_the_reference_even_when_the_first_method_is_skipped()
                for r in payload["results"]]
     (line,) = report.summary(results)
     assert "lstm/scan" in line and "flax_lstm" in line
+    # without the swept workload's time there is no summary, not the extra workload's
+    untimed = [r if r.target != "lstm/scan" else dataclasses.replace(r, time_ms=None) for r in results]
+    assert report.summary(untimed) == []
 
 
 def test_parsing_and_validation():
@@ -237,20 +242,21 @@ def test_parsing_and_validation():
     assert (stats.median, stats.min, stats.max, stats.count) == (2.0, 1.0, 3.0, 3)
 
 
-def test_experiment_runs_from_its_config(tmp_path):
+def test_experiment_runs_from_its_config(tmp_path, capsys):
     pytest.importorskip("ml_collections")
     from experiments import bench as bench_experiment
 
     config = bench_experiment.get_config()
     config.update(dict(TINY, methods="scan", peers="", modes="forward"))
     summary = bench_experiment.run(config, str(tmp_path), mode="train", resume=False, data_dir=None)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "lstm/scan" in captured.err  # launch.py's stdout stays one JSON document
     assert summary["fastest"]["B=2 T=3 I=3 H=4 forward"]["target"] == "lstm/scan"
     assert (tmp_path / "results.json").exists()
     assert np.isfinite(summary["peak_gflops"])
 
 
 def test_every_flag_has_its_description_in_help():
-    import dataclasses
 
     from rnnlab.bench import __main__ as cli
 

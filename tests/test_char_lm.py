@@ -201,7 +201,8 @@ def test_sample_mode_rejects_a_prompt_outside_the_vocabulary(trained_run):
 
 
 @pytest.mark.parametrize("field, value, message", [("prompt", "All~", "outside the vocabulary.*'~'"),
-                                                   ("temperature", -0.5, "temperature must be >= 0"),
+                                                   ("temperature", -0.5, "temperature must be a finite number >= 0"),
+                                                   ("temperature", float("inf"), "temperature must be a finite"),
                                                    ("top_k", -1, "top_k must be an integer")])
 def test_bad_sample_options_fail_before_training(trained_run, tmp_path, field, value, message):
     data_dir, _, _ = trained_run

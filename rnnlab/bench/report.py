@@ -62,11 +62,13 @@ def summary(results: list[Result]) -> list[str]:
     they were timed."""
     lines = []
     for (_, mode), rows in _groups(results).items():
-        reference = next(
+        reference = next(  # the swept workload's: its targets come before the extra workloads'
             (r for r in results if r.kind == "rnnlab" and r.shape == rows[0].shape and r.mode == mode
-             and r.note == "reference" and r.time_ms),
+             and r.note == "reference"),
             None,
         )
+        if reference is not None and not reference.time_ms:
+            reference = None
         peers = [r for r in rows if r.kind == "peer" and r.time_ms]
         if reference is None or not peers:
             continue
