@@ -25,7 +25,9 @@ key. When `deterministic` is false the modules take that key from Flax's `"dropo
 RNG stream (`self.make_rng("dropout")`); when true, or when the cell has no randomness
 at all, they pass `rng=None`, and `deterministic` may then be left out. A given
 `initial_state` brings its own keys (`rnnlab.new_dropout_keys` gives a carried state
-new ones), so no key is drawn for it. As with
+new ones), so no key is drawn for it; with `deterministic` true its keys are removed
+(`rnnlab.wrappers.without_dropout_keys`), so a state carried from training is
+evaluated without dropout. As with
 `flax.linen.Dropout`, `deterministic` is given either to the constructor or at call
 time, not both.
 """
@@ -40,6 +42,7 @@ import jax
 from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, State
 from rnnlab.unroll import bidirectional as _bidirectional
 from rnnlab.unroll import unroll as _unroll
+from rnnlab.wrappers import without_dropout_keys
 
 
 def uses_randomness(cell: RNNCell, params: Params) -> bool:
@@ -62,13 +65,22 @@ class _RNNBase(nn.Module):
     define `method`, `unroll`, `remat`, `hoist`, `block_size`, `fused` and
     `deterministic`."""
 
-    def _rng(self, cells_and_params: list[tuple[RNNCell, Params]], deterministic: Optional[bool]) -> Optional[PRNGKey]:
-        """`make_rng("dropout")` for random cells in training, else `None`."""
+    def _rng(
+        self, cells_and_params: list[tuple[RNNCell, Params]], deterministic: Optional[bool], draws: bool = True
+    ) -> Optional[PRNGKey]:
+        """`make_rng("dropout")` for random cells in training, else `None`; `draws=False`
+        (every initial state given) checks `deterministic` but draws nothing."""
         if not any(uses_randomness(cell, params) for cell, params in cells_and_params):
             return None
-        if nn.merge_param("deterministic", self.deterministic, deterministic):
+        if nn.merge_param("deterministic", self.deterministic, deterministic) or not draws:
             return None
         return self.make_rng("dropout")
+
+    def _deterministic(self, deterministic: Optional[bool]) -> bool:
+        """Whether this call runs without dropout (`deterministic` at call time or on the
+        module; `False` when neither says, for cells without randomness)."""
+        given = [value for value in (self.deterministic, deterministic) if value is not None]
+        return bool(given and given[0])
 
     def _unroll_options(self) -> dict[str, Any]:
         return dict(
@@ -132,7 +144,9 @@ class RNN(_RNNBase):
             raise TypeError(f"RNN.cell must be an rnnlab RNNCell, got {type(self.cell).__name__}.")
         input_size = inputs.shape[-1]
         params = self.param("cell", lambda key: self.cell.init(key, input_size))
-        rng = None if initial_state is not None else self._rng([(self.cell, params)], deterministic)
+        rng = self._rng([(self.cell, params)], deterministic, draws=initial_state is None)
+        if initial_state is not None and self._deterministic(deterministic):
+            initial_state = without_dropout_keys(initial_state)
         outputs, final = _unroll(
             self.cell,
             params,
@@ -190,9 +204,11 @@ class Bidirectional(_RNNBase):
             "fw": self.param("fw", lambda key: self.cell_fw.init(key, input_size)),
             "bw": self.param("bw", lambda key: self.cell_bw.init(key, input_size)),
         }
-        rng = None
-        if any(state is None for state in initial_states):  # the rng draws only the states not given
-            rng = self._rng([(self.cell_fw, params["fw"]), (self.cell_bw, params["bw"])], deterministic)
+        cells_and_params = [(self.cell_fw, params["fw"]), (self.cell_bw, params["bw"])]
+        # the rng draws only the states not given
+        rng = self._rng(cells_and_params, deterministic, draws=any(state is None for state in initial_states))
+        if self._deterministic(deterministic):
+            initial_states = tuple(None if s is None else without_dropout_keys(s) for s in initial_states)
         outputs, finals = _bidirectional(
             self.cell_fw,
             self.cell_bw,

@@ -214,6 +214,16 @@ def new_dropout_keys(state: State, rng: PRNGKey) -> State:
     return jax.tree.unflatten(treedef, renewed)
 
 
+def without_dropout_keys(state: State) -> State:
+    """`state` with the key of every `DropoutState` set to `None`: the same cell state,
+    run without dropout (e.g. to evaluate from a state carried from training)."""
+    nodes, treedef = jax.tree.flatten(state, is_leaf=lambda node: isinstance(node, DropoutState))
+    return jax.tree.unflatten(
+        treedef,
+        [DropoutState(without_dropout_keys(node.cell), None) if isinstance(node, DropoutState) else node for node in nodes],
+    )
+
+
 def _keys_like(keys: PRNGKey, rng: PRNGKey) -> PRNGKey:
     """New keys from `rng` with the shape and kind (raw or typed) of `keys`."""
     typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)

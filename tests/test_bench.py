@@ -257,7 +257,6 @@ def test_experiment_runs_from_its_config(tmp_path, capsys):
 
 
 def test_every_flag_has_its_description_in_help():
-
     from rnnlab.bench import __main__ as cli
 
     descriptions = cli.field_descriptions()

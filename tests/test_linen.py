@@ -194,6 +194,24 @@ def test_a_given_initial_state_brings_its_own_dropout_keys_in_training() -> None
     np.testing.assert_array_equal(outputs, expected)
 
 
+def test_a_given_state_follows_deterministic_too() -> None:
+    # deterministic=True evaluates a state carried from training without dropout, and
+    # the deterministic flag is still required once, as without a given state.
+    cell = rnnlab.dropout(lstm(4), output_keep=0.5)
+    module = RNN(cell, return_state=True)
+    variables = module.init(jax.random.PRNGKey(1), inputs(), deterministic=True)
+    _, carried = module.apply(variables, inputs(), deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert carried.key is not None
+    ys, final = module.apply(variables, inputs(3), initial_state=carried, deterministic=True)
+    expected, _ = rnnlab.unroll(lstm(4), variables["params"]["cell"], inputs(3), initial_state=carried.cell)
+    np.testing.assert_allclose(ys, expected, rtol=1e-6, atol=1e-6)
+    assert final.key is None
+    with pytest.raises(ValueError, match="deterministic"):
+        module.apply(variables, inputs(3), initial_state=carried)
+    with pytest.raises(ValueError, match="deterministic"):
+        RNN(cell, deterministic=True).apply(variables, inputs(3), initial_state=carried, deterministic=False)
+
+
 def test_bidirectional_module_with_one_cell_runs_both_directions_in_one_loop(monkeypatch) -> None:
     # Flax rebuilds the cell it holds, so the module must compare cells by equality.
     unroll_module = sys.modules["rnnlab.unroll"]  # `rnnlab.unroll` is the function
