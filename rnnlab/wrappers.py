@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -203,25 +203,30 @@ def new_dropout_keys(state: State, rng: PRNGKey) -> State:
     states (every example gets its own key), on nested dropout cells, and on raw
     (`PRNGKey`) and typed (`jax.random.key`) keys alike; keys stay of their kind.
     """
-    nodes, treedef = jax.tree.flatten(state, is_leaf=lambda node: isinstance(node, DropoutState))
-    renewed = []
-    for node, node_rng in zip(nodes, jax.random.split(rng, max(len(nodes), 1))):
-        if isinstance(node, DropoutState):
-            inner_rng, key_rng = jax.random.split(node_rng)
-            key = None if node.key is None else _keys_like(node.key, key_rng)
-            node = DropoutState(new_dropout_keys(node.cell, inner_rng), key)
-        renewed.append(node)
-    return jax.tree.unflatten(treedef, renewed)
+    return _replace_dropout_keys(state, lambda key, key_rng: None if key is None else _keys_like(key, key_rng), rng)
 
 
 def without_dropout_keys(state: State) -> State:
     """`state` with the key of every `DropoutState` set to `None`: the same cell state,
     run without dropout (e.g. to evaluate from a state carried from training)."""
+    return _replace_dropout_keys(state, lambda key, key_rng: None, None)
+
+
+def _replace_dropout_keys(
+    state: State, new_key: Callable[[Optional[PRNGKey], Optional[PRNGKey]], Optional[PRNGKey]], rng: Optional[PRNGKey]
+) -> State:
+    """`state` with the key of every `DropoutState`, nested ones included, replaced by
+    `new_key(key, key_rng)`; each gets its own `key_rng` drawn from `rng` (`None`
+    without one)."""
     nodes, treedef = jax.tree.flatten(state, is_leaf=lambda node: isinstance(node, DropoutState))
-    return jax.tree.unflatten(
-        treedef,
-        [DropoutState(without_dropout_keys(node.cell), None) if isinstance(node, DropoutState) else node for node in nodes],
-    )
+    node_rngs = [None] * len(nodes) if rng is None else jax.random.split(rng, max(len(nodes), 1))
+    replaced = []
+    for node, node_rng in zip(nodes, node_rngs):
+        if isinstance(node, DropoutState):
+            inner_rng, key_rng = (None, None) if node_rng is None else jax.random.split(node_rng)
+            node = DropoutState(_replace_dropout_keys(node.cell, new_key, inner_rng), new_key(node.key, key_rng))
+        replaced.append(node)
+    return jax.tree.unflatten(treedef, replaced)
 
 
 def _keys_like(keys: PRNGKey, rng: PRNGKey) -> PRNGKey:
