@@ -39,7 +39,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 
-from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, State
+from rnnlab.cells.base import Array, Params, RNNCell, State
 from rnnlab.unroll import bidirectional as _bidirectional
 from rnnlab.unroll import unroll as _unroll
 from rnnlab.wrappers import without_dropout_keys
@@ -65,22 +65,12 @@ class _RNNBase(nn.Module):
     define `method`, `unroll`, `remat`, `hoist`, `block_size`, `fused` and
     `deterministic`."""
 
-    def _rng(
-        self, cells_and_params: list[tuple[RNNCell, Params]], deterministic: Optional[bool], draws: bool = True
-    ) -> Optional[PRNGKey]:
-        """`make_rng("dropout")` for random cells in training, else `None`; `draws=False`
-        (every initial state given) checks `deterministic` but draws nothing."""
+    def _dropout_on(self, cells_and_params: list[tuple[RNNCell, Params]], deterministic: Optional[bool]) -> bool:
+        """Whether this call runs with dropout: some cell is random and `deterministic`
+        (given once, to the constructor or at call time) is false."""
         if not any(uses_randomness(cell, params) for cell, params in cells_and_params):
-            return None
-        if nn.merge_param("deterministic", self.deterministic, deterministic) or not draws:
-            return None
-        return self.make_rng("dropout")
-
-    def _deterministic(self, deterministic: Optional[bool]) -> bool:
-        """Whether this call runs without dropout (`deterministic` at call time or on the
-        module; `False` when neither says, for cells without randomness)."""
-        given = [value for value in (self.deterministic, deterministic) if value is not None]
-        return bool(given and given[0])
+            return False
+        return not nn.merge_param("deterministic", self.deterministic, deterministic)
 
     def _unroll_options(self) -> dict[str, Any]:
         return dict(
@@ -144,8 +134,9 @@ class RNN(_RNNBase):
             raise TypeError(f"RNN.cell must be an rnnlab RNNCell, got {type(self.cell).__name__}.")
         input_size = inputs.shape[-1]
         params = self.param("cell", lambda key: self.cell.init(key, input_size))
-        rng = self._rng([(self.cell, params)], deterministic, draws=initial_state is None)
-        if initial_state is not None and self._deterministic(deterministic):
+        dropout_on = self._dropout_on([(self.cell, params)], deterministic)
+        rng = self.make_rng("dropout") if dropout_on and initial_state is None else None
+        if initial_state is not None and not dropout_on:
             initial_state = without_dropout_keys(initial_state)
         outputs, final = _unroll(
             self.cell,
@@ -204,10 +195,10 @@ class Bidirectional(_RNNBase):
             "fw": self.param("fw", lambda key: self.cell_fw.init(key, input_size)),
             "bw": self.param("bw", lambda key: self.cell_bw.init(key, input_size)),
         }
-        cells_and_params = [(self.cell_fw, params["fw"]), (self.cell_bw, params["bw"])]
+        dropout_on = self._dropout_on([(self.cell_fw, params["fw"]), (self.cell_bw, params["bw"])], deterministic)
         # the rng draws only the states not given
-        rng = self._rng(cells_and_params, deterministic, draws=any(state is None for state in initial_states))
-        if self._deterministic(deterministic):
+        rng = self.make_rng("dropout") if dropout_on and any(state is None for state in initial_states) else None
+        if not dropout_on:
             initial_states = tuple(None if s is None else without_dropout_keys(s) for s in initial_states)
         outputs, finals = _bidirectional(
             self.cell_fw,
