@@ -498,9 +498,10 @@ def _directions_in_one_loop(
     if _runs_fused(cell, method, remat, fused) and jax.default_backend() == "cpu":
         return False
     state_fw, state_bw = initial_states
-    if state_fw is not None or state_bw is not None:  # both given, of one structure
-        return jax.tree.structure(state_fw) == jax.tree.structure(state_bw) and None not in initial_states
-    return (rngs[0] is None) == (rngs[1] is None)
+    if state_fw is None and state_bw is None:  # both drawn: with keys or without, alike
+        return (rngs[0] is None) == (rngs[1] is None)
+    given_both = state_fw is not None and state_bw is not None
+    return given_both and jax.tree.structure(state_fw) == jax.tree.structure(state_bw)
 
 
 def _fused_directions(
