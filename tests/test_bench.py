@@ -112,6 +112,18 @@ def test_missing_peer_and_inapplicable_methods_are_skipped(forward_run):
     assert long["status"] == "skipped" and "predicted compile" in long["note"]
 
 
+def test_a_long_first_static_length_is_predicted_from_a_probe_compile():
+    # No shorter length precedes T=40, so a 16-step compile predicts it.
+    config = tiny(seq_lengths="40", methods="scan,static", peers="", modes="forward",
+                  static_compile_budget_s=1e-6, peak_bandwidth_mib=0, matmul_floor=False)
+    lines = []
+    payload = bench.run_benchmark(config, log=lines.append)
+    (static,) = records(payload, target="lstm/static")
+    assert static["status"] == "skipped", static
+    assert f"measured in a probe T={runner.STATIC_PROBE_LEN}:" in static["note"]
+    assert any("probing lstm/static" in line for line in lines)
+
+
 def test_train_step_checks_loss_and_grads():
     payload = bench.run_benchmark(tiny(methods="scan,scan:hoist=0", peers="", modes="train"), log=quiet)
     (record,) = records(payload, target="lstm/scan:hoist=0")

@@ -5,6 +5,7 @@ reference, times all checked targets interleaved, and collects one `Result` per
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import math
 import os
@@ -15,15 +16,17 @@ import jax
 import numpy as np
 
 import rnnlab
+from rnnlab.bench import workloads
 from rnnlab.bench.config import BenchConfig, MethodSpec, Shape, Workload, target_name
 from rnnlab.bench.timing import Program, Stats, time_interleaved
-from rnnlab.bench import workloads
+from rnnlab.cells.base import Params, RNNCell
 
 PEAK_TARGET = "peak/matmul"
 BANDWIDTH_TARGET = "peak/memory"
 FLOOR_TARGET = "floor/lstm_matmuls"
 STATIC_MIN_EXPONENT = 1.0  # static compile time grows at least linearly in T
 STATIC_MAX_EXPONENT = 3.0
+STATIC_PROBE_LEN = 16  # a first static length above this is predicted from a compile at this length
 
 
 @dataclasses.dataclass
@@ -246,7 +249,10 @@ def _add_rnnlab(
                 run.results.append(result)
                 continue
             result.flops = workloads.workload_flops(workload, params["rnn"], shape, mode)
-            reason = workloads.skip_reason(cell, method) or _static_skip(config, method, name, mode, shape, static_history)
+            reason = workloads.skip_reason(cell, method)
+            if not reason and method.method == "static":
+                probe = functools.partial(_static_probe, run, cell, workload, method, mode, params)
+                reason = _static_skip(config, name, mode, shape, static_history, probe)
             if reason:
                 result.status, result.note = "skipped", reason
                 run.results.append(result)
@@ -268,23 +274,44 @@ def _add_rnnlab(
 
 def _static_skip(
     config: BenchConfig,
-    method: MethodSpec,
     name: str,
     mode: str,
     shape: Shape,
     history: dict[tuple[str, str], list[tuple[int, float]]],
+    probe: Callable[[], Optional[float]],
 ) -> Optional[str]:
-    if method.method != "static":
-        return None
+    """Why `static` is skipped at `shape`, or None. Its compile time is extrapolated
+    from the lengths compiled before in this run; with none, from a compile of
+    `STATIC_PROBE_LEN` steps (`probe`), so that a long first length is never compiled
+    blindly."""
     if config.static_max_seq_len and shape.seq_len > config.static_max_seq_len:
         return f"static unroll above T={config.static_max_seq_len} (static_max_seq_len)"
-    points = history.get((name, mode), [])
+    points = history.setdefault((name, mode), [])
+    probed = ""
+    if not points and shape.seq_len > STATIC_PROBE_LEN:
+        compile_s = probe()
+        if compile_s is not None:
+            points.append((STATIC_PROBE_LEN, compile_s))
+            probed = " in a probe"
     predicted = predict_static_compile(points, shape.seq_len)
     if predicted is not None and predicted > config.static_compile_budget_s:
         measured = ", ".join(f"T={t}: {c:.1f} s" for t, c in points)
         return (f"predicted compile {predicted:.0f} s > budget {config.static_compile_budget_s:.0f} s "
-                f"(measured {measured})")
+                f"(measured{probed} {measured})")
     return None
+
+
+def _static_probe(run: _ShapeRun, cell: RNNCell, workload: Workload, method: MethodSpec, mode: str,
+                  params: Params) -> Optional[float]:
+    """The compile time of `static` at `STATIC_PROBE_LEN` steps of `run`'s shape, or
+    None when that fails (the real build then reports the error)."""
+    shape = run.shape._replace(seq_len=STATIC_PROBE_LEN)
+    run.log(f"  probing {target_name(workload, method)} [{mode}]: compile at T={STATIC_PROBE_LEN}")
+    try:
+        data = workloads.make_data(shape, run.config.num_classes, run.config.seed)
+        return workloads.build_program(cell, workload, method, mode, params, data).compile_s
+    except Exception:  # the build at the real length reports the error
+        return None
 
 
 def _add_floor(run: _ShapeRun) -> None:
