@@ -84,8 +84,12 @@ class Checkpointer:
             )
         except Exception as error:  # orbax raises many types for damaged or foreign files
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = reason.split(" See full TensorStore details")[0]  # then a repr of a bound method
+            older = [other for other in self._manager.all_steps() if other < step]
+            recovery = (f"; to use step {max(older)}, delete {os.path.join(self.directory, str(step))}"
+                        if older else "")
             raise CheckpointError(
-                f"cannot restore the checkpoint of step {step} in {self.directory}: {reason}"
+                f"cannot restore the checkpoint of step {step} in {self.directory}: {reason}{recovery}"
             ) from error
         return restored["state"], dict(restored["meta"])
 

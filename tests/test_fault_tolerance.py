@@ -227,6 +227,7 @@ def test_corrupt_newest_checkpoint_fails_clearly_and_older_ones_survive(data_dir
     assert process.returncode == 1
     assert re.search(rf"CheckpointError: cannot restore the checkpoint of step {NUM_STEPS} in \S*checkpoints", stderr), \
         stderr[-3000:]
+    assert f"to use step {NUM_STEPS - 3}, delete {checkpoints / str(NUM_STEPS)}" in stderr, stderr[-3000:]
     assert _tree_bytes(workdir) == before, "a failed resume must not write anything"
 
     # Recovery: delete the damaged step. A crash while that step was being written again
