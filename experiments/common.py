@@ -22,11 +22,11 @@ takes from the command line; every other field comes from the run's `config.json
 They change how an evaluation is batched, run or shown (`num_test_examples`: how many
 test examples are evaluated), never the model, its data pipeline or its params."""
 
-RESUME_FIELDS = EVAL_FIELDS + ("num_steps", "num_epochs", "time_budget_s", "fit_schedule_to_budget",
-                               "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")
-"""The fields that `--resume` takes from the command line: `EVAL_FIELDS`, how long
-training goes on and how often it logs, evaluates and saves. Everything else (model,
-data, optimiser, seed) comes from `config.json`, so the run continues as it began."""
+RESUME_FIELDS = EVAL_FIELDS + tuple(field for field in train.RESUME_FIELDS if field not in EVAL_FIELDS)
+"""The fields that `--resume` takes from the command line: `EVAL_FIELDS` and
+`rnnlab.train.RESUME_FIELDS` (how long training goes on and how often it logs,
+evaluates and saves). Everything else (model, data, optimiser, seed) comes from
+`config.json`, so the run continues as it began."""
 
 
 def base_config(**overrides) -> ml_collections.ConfigDict:

@@ -65,6 +65,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import flax
@@ -613,8 +614,11 @@ def train(
                 "resume that run or choose another workdir."
             )
     main = distributed.is_main_process()  # with several processes, only process 0 writes logs and results
+    config_json = json.loads(config.to_json_best_effort())
+    if resume:
+        _warn_of_config_changes(os.path.join(workdir, "config.json"), config_json)
     if main:
-        write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        write_json(os.path.join(workdir, "config.json"), config_json)
         for name, value in (files or {}).items():
             write_json(os.path.join(workdir, name), value)
     writer = metrics_lib.MetricWriter(workdir, resume_step=int(state.step) if resume else None) if main else _NoWriter()
@@ -624,6 +628,44 @@ def train(
     finally:
         writer.close()
         checkpointer.close()
+
+
+RESUME_FIELDS = ("num_epochs", "num_steps", "time_budget_s", "fit_schedule_to_budget", "log_every_steps",
+                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "progress_bar")
+"""The training fields a resumed run is expected to change: how long it goes on, how
+often it logs, evaluates and saves, and how it evaluates."""
+
+
+def _warn_of_config_changes(path: str, config_json: dict[str, Any]) -> None:
+    """Warns when a resume changes fields outside `RESUME_FIELDS` from the run's
+    `config.json` at `path` (which is then overwritten): the result is a different run
+    from the one the checkpoints began, e.g. one with a new learning rate."""
+    try:
+        with open(path) as f:
+            before = _flat(json.load(f))
+    except (OSError, ValueError):
+        return  # no readable record of the earlier config: nothing to compare
+    after = _flat(config_json)
+
+    def shown(values: dict[str, Any], name: str) -> str:
+        return repr(values[name]) if name in values else "unset"
+
+    changed = [f"{name}: {shown(before, name)} -> {shown(after, name)}"
+               for name in sorted(set(before) | set(after))
+               if name not in RESUME_FIELDS and before.get(name, _UNSET) != after.get(name, _UNSET)]
+    if changed and distributed.is_main_process():
+        warnings.warn(f"resuming {os.path.dirname(os.path.abspath(path))} with a config that differs from its "
+                      f"config.json in {'; '.join(changed)}", stacklevel=3)
+
+
+_UNSET = object()
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a.b": value}` for the leaves of nested dicts."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {name: value for key, child in tree.items() for name, value in _flat(child, f"{prefix}{key}.").items()}
 
 
 def _checkpoint_meta(config: ml_collections.ConfigDict, plan: _Plan, step: int,

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -269,6 +270,17 @@ def test_non_finite_loss_before_any_checkpoint_says_there_is_none(tmp_path):
     data["x"][:] = np.nan
     with pytest.raises(train.NonFiniteLossError, match="at step 1; .*No checkpoint was saved before it"):
         train.train(softmax_regression(), config(shuffle=False), str(tmp_path), data)
+
+
+def test_resume_warns_of_config_changes_beyond_its_length_and_intervals(tmp_path):
+    workdir, data = str(tmp_path), toy_data(40)
+    train.train(softmax_regression(), config(num_steps=4), workdir, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a longer run, logged less often: no warning
+        train.train(softmax_regression(), config(num_steps=6, log_every_steps=2), workdir, data, resume=True)
+    with pytest.warns(UserWarning, match=r"config.json in learning_rate: 0.05 -> 0.01$"):
+        train.train(softmax_regression(), config(num_steps=8, learning_rate=0.01), workdir, data, resume=True)
+    assert json.loads((tmp_path / "config.json").read_text())["learning_rate"] == 0.01
 
 
 def test_resuming_a_finished_run_or_a_cut_log_line(tmp_path):
