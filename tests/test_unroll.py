@@ -386,27 +386,47 @@ def test_bidirectional_with_dropout_is_reproducible_from_its_key() -> None:
 )
 def test_one_cell_for_both_directions_runs_them_in_one_loop_with_the_same_numbers(cell, options, monkeypatch) -> None:
     """`bidirectional(cell, cell, ...)` runs both directions in one vmapped loop; a
-    copy of the cell (another object) runs them one after the other. (On CPU a fused
-    scan keeps two loops: the backend is patched to one where it does not.)"""
+    cell that computes the same but is not equal to it runs them one after the other.
+    (On CPU a fused scan keeps two loops: the backend is patched to one where it does
+    not.)"""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     params = rnnlab.init_bidirectional(cell, cell, jax.random.PRNGKey(6), I)
     xs = random_inputs(7)
     if options.get("time_major"):
         xs = jnp.swapaxes(xs, 0, 1)
-    initial_bw = rnnlab.batched_initial_state(cell, params["bw"], B)
-    initial_bw = jax.tree.map(lambda leaf: leaf + 0.5, initial_bw)
+    # Both directions start from given states (one loop needs both or neither).
+    initial_states = tuple(jax.tree.map(lambda leaf: leaf + shift, rnnlab.batched_initial_state(cell, params[d], B))
+                           for d, shift in (("fw", -0.25), ("bw", 0.5)))
 
     def loss(params, cell_bw):
-        outputs, finals = rnnlab.bidirectional(
-            cell, cell_bw, params, xs, initial_states=(None, initial_bw), **options
-        )
+        outputs, finals = rnnlab.bidirectional(cell, cell_bw, params, xs, initial_states=initial_states, **options)
         return jnp.sum(jnp.sin(outputs)) + sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(finals))
 
-    copy = cell._replace()
-    assert copy is not cell
-    for function in (lambda p, c: rnnlab.bidirectional(cell, c, p, xs, initial_states=(None, initial_bw), **options),
+    copy = cell._replace(name=cell.name + " (a copy)")  # the same cell, but not equal to it
+    assert copy != cell
+    if options.get("method", "scan") == "scan":  # a loop per layer and direction, or per layer
+        def loops(cell_bw):
+            run = lambda p: rnnlab.bidirectional(cell, cell_bw, p, xs, initial_states=initial_states, **options)
+            return str(jax.make_jaxpr(run)(params)).count("scan[")
+        assert 2 * loops(cell) == loops(copy) > 0
+    for function in (lambda p, c: rnnlab.bidirectional(cell, c, p, xs, initial_states=initial_states, **options),
                      jax.grad(loss)):
         assert_trees_close(function(params, cell), function(params, copy), METHOD_RTOL)
+
+
+@pytest.mark.parametrize("cell", [gru(4), lstm(3)], ids=["gru", "lstm"])
+def test_one_loop_bidirectional_with_lengths_matches_the_per_example_loop(cell, monkeypatch) -> None:
+    """The one-loop path reverses each example's valid prefix, not all `T` steps."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # where one cell object runs one loop
+    params = rnnlab.init_bidirectional(cell, cell, jax.random.PRNGKey(5), I)
+    xs = random_inputs(3)
+    run = lambda p: rnnlab.bidirectional(cell, cell, p, xs, lengths=jnp.asarray(LENGTHS), merge="none")
+    assert str(jax.make_jaxpr(run)(params)).count("scan[") == 1
+    (ys_fw, ys_bw), (final_fw, final_bw) = run(params)
+    for ys, final, direction, reverse in ((ys_fw, final_fw, "fw", False), (ys_bw, final_bw, "bw", True)):
+        ys_ref, final_ref = loop_reference(cell, params[direction], xs, lengths=LENGTHS, reverse=reverse)
+        np.testing.assert_allclose(ys, ys_ref, rtol=REF_RTOL, atol=ATOL)
+        assert_trees_close(final, final_ref, REF_RTOL)
 
 
 @pytest.mark.parametrize(
