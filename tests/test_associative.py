@@ -349,6 +349,17 @@ def test_lru_ring_initialisation(r_min, r_max, max_phase):
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(params))
 
 
+def test_lru_projections_have_the_papers_scales():
+    """Orvieto et al.: `B`'s real and imaginary parts have standard deviation
+    `1/sqrt(2 I)`, `C`'s `1/sqrt(N)`."""
+    size, state_size = 256, 512
+    params = lru(size, state_size).init(jax.random.PRNGKey(0), size)
+    for name in ("B_re", "B_im"):
+        np.testing.assert_allclose(np.std(params[name]), 1 / np.sqrt(2 * size), rtol=0.03)
+    for name in ("C_re", "C_im"):
+        np.testing.assert_allclose(np.std(params[name]), 1 / np.sqrt(state_size), rtol=0.03)
+
+
 def test_lru_complex_state_under_dropout():
     cell, params, xs, _ = _setup("lru")
     cell = rnnlab.dropout(cell, state_keep=0.8, output_keep=0.9)
@@ -387,12 +398,18 @@ def test_stack_with_a_nonlinear_layer_raises():
 
 @pytest.mark.parametrize("name", CELLS)
 def test_residual_linear_cell_runs_associative(name):
-    """`residual` keeps the linear recurrence: the associative unroll adds the input."""
-    cell = rnnlab.residual(CELLS[name][0]())
+    """`residual` keeps the linear recurrence: the associative and the hoisted scan
+    unrolls add the input to the inner cell's outputs (run by the static loop, which
+    does not go through the linear-recurrence path)."""
+    inner = CELLS[name][0]()
+    cell = rnnlab.residual(inner)
     input_size = cell.output_size  # the residual adds the input to the output
     params = cell.init(jax.random.PRNGKey(8), input_size)
     xs = jax.random.normal(jax.random.PRNGKey(9), (B, T, input_size))
-    ys, final = rnnlab.unroll(cell, params, xs, lengths=LENGTHS, method="associative")
-    ys_ref, final_ref = rnnlab.unroll(cell, params, xs, lengths=LENGTHS, method="scan")
-    _assert_trees_close(ys, ys_ref, **TOLERANCE)
-    _assert_trees_close(final, final_ref, **TOLERANCE)
+    inner_ys, final_ref = rnnlab.unroll(inner, params, xs, lengths=LENGTHS, method="static")
+    valid = (np.arange(T)[None, :] < LENGTHS[:, None])[..., None]
+    ys_ref = jnp.where(valid, xs + inner_ys, 0.0)
+    for method in ("associative", "scan"):
+        ys, final = rnnlab.unroll(cell, params, xs, lengths=LENGTHS, method=method)
+        _assert_trees_close(ys, ys_ref, **TOLERANCE)
+        _assert_trees_close(final, final_ref, **TOLERANCE)

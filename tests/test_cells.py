@@ -280,6 +280,17 @@ def test_gru_init(reset_after, gate_bias_init, expected):
         np.testing.assert_allclose(block @ block.T, np.eye(H), atol=1e-5)
 
 
+def test_peephole_weights_are_glorot_uniform_vectors():
+    """Peephole weights start uniform within Keras' `glorot_uniform` limit for an
+    `H x H` matrix, `sqrt(6 / (H + H))`, and fill most of that range."""
+    num_units = 512
+    params = lstm(num_units, peepholes=True).init(jax.random.PRNGKey(0), I)
+    limit = np.sqrt(6.0 / (num_units + num_units))
+    for name in ("w_i_diag", "w_f_diag", "w_o_diag"):
+        largest = np.abs(np.asarray(params[name])).max()
+        assert 0.95 * limit < largest <= limit, name
+
+
 @pytest.mark.parametrize(
     "cell, state_shapes",
     [

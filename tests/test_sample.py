@@ -46,6 +46,14 @@ def greedy_reference(model, params, prompt_ids, num_tokens):
     return tokens
 
 
+def test_the_first_token_follows_the_last_prompt_token(bigram_table):
+    first, last = VOCAB.encode("ab")
+    assert np.argmax(bigram_table[first]) != np.argmax(bigram_table[last])  # the test can tell them apart
+    ids = sample.sample_ids(bigram_apply, bigram_table, jnp.zeros((2,), jnp.int32), [first, last],
+                            jax.random.PRNGKey(0), 1, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(ids)[:, 0], int(np.argmax(bigram_table[last])))
+
+
 def test_same_key_same_samples_and_other_key_other_samples(bigram_table):
     carry = jnp.zeros((4,), jnp.int32)
     prompt = VOCAB.encode("ab")

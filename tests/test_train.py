@@ -160,8 +160,8 @@ def test_resume_refuses_missing_or_corrupt_checkpoints_without_writing(tmp_path)
 
 
 def test_schedule_matches_optax_and_the_step_is_adam():
-    c = config(learning_rate=1.0, warmup_steps=10, final_lr_fraction=0.1)
-    reference = optax.warmup_cosine_decay_schedule(0.0, 1.0, 10, 110, end_value=0.1)
+    c = config(learning_rate=0.3, warmup_steps=10, final_lr_fraction=0.1)
+    reference = optax.warmup_cosine_decay_schedule(0.0, 0.3, 10, 110, end_value=0.03)
     steps = np.array([0, 5, 10, 37, 109, 110, 150])
     np.testing.assert_allclose(train.learning_rate(c, steps, 110), reference(steps), rtol=1e-5, atol=1e-7)
 
@@ -171,6 +171,19 @@ def test_schedule_matches_optax_and_the_step_is_adam():
     adamw = optax.adamw(0.01, weight_decay=0.1)
     expected, _ = adamw.update(grads, adamw.init(params), params)
     np.testing.assert_allclose(-0.01 * direction["w"], expected["w"], rtol=1e-6)
+
+
+def test_every_step_draws_its_own_randomness(tmp_path):
+    """The `rng` a task's loss gets differs at every step (new dropout masks)."""
+
+    def loss(params, carry, batch, rng):
+        draw = jax.random.uniform(rng)
+        return 0.0 * jnp.sum(params["w"]), (carry, {"draw": jnp.full(batch["x"].shape[:1], draw)})
+
+    task = train.Task(init_params=lambda key: {"w": jnp.ones(())}, loss=loss)
+    train.train(task, config(num_steps=6), str(tmp_path), toy_data(16))
+    draws = [record["draw"] for record in read_metrics(str(tmp_path)) if record["split"] == "train"]
+    assert len(draws) == len(set(draws)) == 6
 
 
 def test_weight_decay_skips_the_params_matching_the_exclude_pattern():

@@ -171,6 +171,40 @@ def test_variational_masks_are_the_same_at_every_step_and_differ_between_example
     assert not np.array_equal(dropped[0, 0], dropped[1, 0])  # one key per example
 
 
+def test_stacked_dropout_layers_draw_independent_masks() -> None:
+    """Each layer of a stack gets its own key: a unit survives two `output_keep=0.5`
+    layers with probability 0.25 (0.5 if they shared masks)."""
+    inner, params = identity_cell(4096)
+    layer = rnnlab.dropout(inner, output_keep=0.5)
+    ys, _ = rnnlab.unroll(rnnlab.stack([layer, layer]), (params, params), ones(1, 1, 4096),
+                          rng=jax.random.PRNGKey(0), method="static")
+    assert abs((np.asarray(ys) != 0).mean() - 0.25) < 0.03
+
+
+@pytest.mark.parametrize("same_object", [True, False], ids=["one_cell_object", "two"])
+def test_bidirectional_directions_draw_independent_masks(same_object: bool, monkeypatch) -> None:
+    """The two directions get their own keys: the backward run's mask at its k-th step
+    is not the forward run's at its k-th step."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # one loop for one cell object
+    inner, params = identity_cell()
+    cell = rnnlab.dropout(inner, output_keep=0.5)
+    other = cell if same_object else cell._replace(name=cell.name + " (a copy)")  # equal cells share a loop
+    (fw, bw), _ = rnnlab.bidirectional(cell, other, {"fw": params, "bw": params}, ones(), merge="none",
+                                       rng=jax.random.PRNGKey(1))
+    assert not np.array_equal(_zero_patterns(fw), np.flip(_zero_patterns(bw), axis=1))
+
+
+def test_hoisted_unroll_applies_input_dropout() -> None:
+    """With input dropout the input projection is not hoisted (it would skip the
+    masks): `hoist=True` gives the per-example loop's numbers."""
+    cell = rnnlab.dropout(gru(4), input_keep=0.5)
+    params = cell.init(KEY, I)
+    rng = jax.random.PRNGKey(3)
+    ys, _ = rnnlab.unroll(cell, params, inputs(2), rng=rng, hoist=True)
+    ys_ref, _ = loop_reference(cell, params, inputs(2), rng=rng)
+    np.testing.assert_allclose(ys, ys_ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("variational", [False, True], ids=["per_step", "variational"])
 def test_state_mask_is_redrawn_per_step_unless_variational(variational: bool) -> None:
     inner, params = identity_cell()
