@@ -126,7 +126,7 @@ def unroll(
     initial_state = _state_for_steps(cell, params, initial_state, xs)
 
     if reverse:
-        xs = reverse_sequence(xs, lengths)
+        xs = _reverse_time_major(xs, lengths)
     if method == "associative":
         ys, final = linear_unroll(
             cell, params, xs, initial_state, lengths, parallel=True, unroll=unroll, block_size=block_size
@@ -138,7 +138,7 @@ def unroll(
     else:
         ys, final = _unroll_single(cell, params, xs, initial_state, lengths, method, unroll, remat, hoist, fused)
     if reverse:
-        ys = reverse_sequence(ys, lengths)
+        ys = _reverse_time_major(ys, lengths)
     return (ys if time_major else jnp.swapaxes(ys, 0, 1)), final
 
 
@@ -219,19 +219,28 @@ def batched_initial_state(
     return jax.vmap(lambda key: cell.initial_state(params, key))(keys)
 
 
-def reverse_sequence(xs: Array, lengths: Optional[Array]) -> Array:
+def reverse_sequence(xs: Array, lengths: Optional[Array], *, time_major: bool = False) -> Array:
     """Reverses the first `lengths[b]` steps of each sequence, like `tf.reverse_sequence`.
 
     Args:
-      xs: time-major `[T, B, ...]`.
+      xs: `[B, T, ...]`, or `[T, B, ...]` with `time_major=True` (as in `unroll`).
       lengths: integer `[B]` or `None` (reverse everything). Values are checked to lie
         in `[0, T]` when concrete; traced values above `T` count as `T` (as in `unroll`).
+      time_major: the layout of `xs`.
     Returns:
-      `[T, B, ...]`; steps at `t >= lengths[b]` stay where they are. Applying it twice
+      `xs`' layout; steps at `t >= lengths[b]` stay where they are. Applying it twice
       gives back `xs`.
     """
+    layout = "[T, B, ...]" if time_major else "[B, T, ...]"
     if jnp.ndim(xs) < 2:
-        raise ValueError(f"reverse_sequence needs time-major xs [T, B, ...], got shape {tuple(jnp.shape(xs))}.")
+        raise ValueError(f"reverse_sequence needs xs of shape {layout}, got shape {tuple(jnp.shape(xs))}.")
+    if time_major:
+        return _reverse_time_major(xs, lengths)
+    return jnp.swapaxes(_reverse_time_major(jnp.swapaxes(xs, 0, 1), lengths), 0, 1)
+
+
+def _reverse_time_major(xs: Array, lengths: Optional[Array]) -> Array:
+    """`reverse_sequence` of time-major `xs: [T, B, ...]`."""
     if lengths is None:
         return jnp.flip(xs, axis=0)
     num_steps = xs.shape[0]
@@ -530,14 +539,14 @@ def _fused_directions(
     ]
     both = lambda a, b: jnp.stack([a, b])
     stacked_params = jax.tree.map(both, params["fw"], params["bw"])
-    stacked_xs = jnp.stack([xs, reverse_sequence(xs, lengths)])
+    stacked_xs = jnp.stack([xs, _reverse_time_major(xs, lengths)])
     stacked_states = jax.tree.map(both, *states)
 
     def one_direction(p, x, s):
         return unroll(cell, p, x, initial_state=s, lengths=lengths, time_major=True, **unroll_kwargs)
 
     ys, finals = jax.vmap(one_direction)(stacked_params, stacked_xs, stacked_states)
-    ys_fw, ys_bw = ys[0], reverse_sequence(ys[1], lengths)
+    ys_fw, ys_bw = ys[0], _reverse_time_major(ys[1], lengths)
     if not time_major:
         ys_fw, ys_bw = jnp.swapaxes(ys_fw, 0, 1), jnp.swapaxes(ys_bw, 0, 1)
     return ys_fw, ys_bw, jax.tree.map(lambda f: f[0], finals), jax.tree.map(lambda f: f[1], finals)

@@ -182,8 +182,8 @@ def test_reverse_sequence_is_an_involution_that_keeps_padding_in_place(
     batch, steps, lengths = shape
     xs = np.arange(steps * batch * 2, dtype=np.float32).reshape(steps, batch, 2)
     lengths_array = jnp.asarray(lengths) if use_lengths else None
-    once = np.asarray(rnnlab.reverse_sequence(jnp.asarray(xs), lengths_array))
-    twice = np.asarray(rnnlab.reverse_sequence(jnp.asarray(once), lengths_array))
+    once = np.asarray(rnnlab.reverse_sequence(jnp.asarray(xs), lengths_array, time_major=True))
+    twice = np.asarray(rnnlab.reverse_sequence(jnp.asarray(once), lengths_array, time_major=True))
     np.testing.assert_array_equal(twice, xs)
     for b in range(batch):
         n = lengths[b] if use_lengths else steps

@@ -303,11 +303,19 @@ def test_reverse_without_lengths_equals_forward_run_on_flipped_time() -> None:
 
 def test_reverse_sequence_reverses_valid_prefix_only_and_is_an_involution() -> None:
     xs = jnp.arange(T * B, dtype=jnp.float32).reshape(T, B)[..., None]  # time-major [T, B, 1]
-    reversed_xs = np.asarray(rnnlab.reverse_sequence(xs, jnp.asarray(LENGTHS)))
+    reversed_xs = np.asarray(rnnlab.reverse_sequence(xs, jnp.asarray(LENGTHS), time_major=True))
     for b, n in enumerate(LENGTHS):
         expected = np.concatenate([np.asarray(xs[:n, b])[::-1], np.asarray(xs[n:, b])])
         np.testing.assert_array_equal(reversed_xs[:, b], expected)
-    np.testing.assert_array_equal(rnnlab.reverse_sequence(jnp.asarray(reversed_xs), jnp.asarray(LENGTHS)), xs)
+    again = rnnlab.reverse_sequence(jnp.asarray(reversed_xs), jnp.asarray(LENGTHS), time_major=True)
+    np.testing.assert_array_equal(again, xs)
+
+
+def test_reverse_sequence_is_batch_major_by_default_like_unroll() -> None:
+    # B == T, so reversing the wrong axis would pass every shape check.
+    xs = np.arange(9.0).reshape(3, 3)[..., None]  # [B=3, T=3, 1]
+    reversed_xs = np.asarray(rnnlab.reverse_sequence(jnp.asarray(xs), jnp.array([3, 1, 2])))
+    np.testing.assert_array_equal(reversed_xs[..., 0], [[2, 1, 0], [3, 4, 5], [7, 6, 8]])
 
 
 # --------------------------------------------------------------------------------------
@@ -713,12 +721,12 @@ def test_reverse_treats_traced_lengths_above_t_as_t_and_checks_concrete_ones() -
     too_long, full = jnp.full((B,), T + 3, jnp.int32), jnp.full((B,), T, jnp.int32)
     assert_trees_close(run(too_long), run(full), rtol=0.0)
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, T\]=\[0, 7\]"):
-        rnnlab.reverse_sequence(jnp.swapaxes(xs, 0, 1), jnp.full((B,), T + 3))
+        rnnlab.reverse_sequence(xs, jnp.full((B,), T + 3))
     with pytest.raises(TypeError, match="lengths must be an integer array"):
-        rnnlab.reverse_sequence(jnp.swapaxes(xs, 0, 1), jnp.full((B,), 2.0))
+        rnnlab.reverse_sequence(xs, jnp.full((B,), 2.0))
     with pytest.raises(ValueError, match=r"lengths must have shape \[batch_size\]=\[7\], got shape \(4,\)"):
-        rnnlab.reverse_sequence(xs, jnp.full((B,), 2))  # batch-major [4, 7, 3]: 7 examples
-    with pytest.raises(ValueError, match=r"time-major xs \[T, B, ...\]"):
+        rnnlab.reverse_sequence(xs, jnp.full((B,), 2), time_major=True)  # [4, 7, 3] read as 7 examples
+    with pytest.raises(ValueError, match=r"xs of shape \[B, T, ...\]"):
         rnnlab.reverse_sequence(jnp.ones(T), None)
 
 
