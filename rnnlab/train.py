@@ -51,7 +51,8 @@ wall-clock budget `config.time_budget_s` runs out (then it still evaluates), on
 SIGINT/SIGTERM (it saves a checkpoint and returns), or on a non-finite loss (it raises
 `NonFiniteLossError`, leaving the last good checkpoint in place). With a budget and
 `config.fit_schedule_to_budget`, the learning-rate schedule is shortened from the
-measured step time so that its decay ends with the budget (see `default_config`).
+measured step time so that its decay ends with the budget (see `default_config`). A
+resumed run keeps to the budget of the whole run and continues its schedule.
 
 The config fields read here, with their defaults, are in `default_config()`.
 """
@@ -198,11 +199,17 @@ def default_config() -> ml_collections.ConfigDict:
       keep_checkpoints: how many checkpoints to keep.
       time_budget_s: wall-clock seconds for the training loop (compilation and
         intermediate evaluations included; the final evaluation comes on top); when
-        they run out, training stops and evaluates. 0 means no budget.
+        they run out, training stops and evaluates. 0 means no budget. It covers the
+        whole run: a resumed run gets what is left after the `train_seconds` of its
+        checkpoint (summed over earlier resumes), and with nothing left it trains no
+        step, stops with "time_budget" and evaluates.
       fit_schedule_to_budget: with a budget, re-plan the schedule's length at every
         log from the measured time per step, so that the decay ends when the budget
         does, never beyond the configured length. The number of steps then depends
         on the machine's speed (the data order and each step's randomness do not).
+        A resume continues a schedule so shortened from the checkpoint's length (no
+        jump back up the learning rate) and re-plans it against the rest of the
+        budget.
       progress_bar: show a tqdm bar (on stderr).
     """
     return ml_collections.ConfigDict(
@@ -570,9 +577,15 @@ def train(
       eval_data: `{split_name: data}`, each like `train_data`, evaluated every
         `config.eval_every_steps` steps and at the end.
       resume: continue from the newest checkpoint in `workdir/checkpoints` (same step,
-        optimiser state, schedule, carry, RNG and data order). Raises `CheckpointError`
-        when there is none or it cannot be read, before writing anything. Without
-        `resume`, a workdir that already holds checkpoints raises `CheckpointError`.
+        optimiser state, schedule, carry, RNG and data order). The schedule's length
+        follows the config (a changed num_steps or num_epochs takes effect), except
+        where `fit_schedule_to_budget` had shortened it: then it continues from the
+        checkpoint's length. A time budget is that of the whole run, less the training
+        seconds already spent (see `default_config`). Without a budget, a run stopped
+        and resumed is bitwise identical to one left uninterrupted. Raises
+        `CheckpointError` when there is none or it cannot be read, before writing
+        anything. Without `resume`, a workdir that already holds checkpoints raises
+        `CheckpointError`.
       on_eval: called after every evaluation as `on_eval(step, params, metrics)` with
         `metrics = {split: {name: value}}`, e.g. to write samples.
       files: `{file_name: value}`, more JSON files for the workdir (e.g. a
@@ -602,9 +615,6 @@ def train(
     if resume:
         checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints, must_exist=True)
         state, previous_seconds = _restore_for_resume(checkpointer, state, config, plan)
-        # The schedule's length follows the config (a changed num_steps or num_epochs
-        # takes effect); a time budget re-plans it again.
-        state = state.replace(total_steps=jax.device_put(jnp.int32(plan.total_steps), _replicated(mesh)))
     else:
         os.makedirs(workdir, exist_ok=True)
         checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -670,17 +680,23 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def _checkpoint_meta(config: ml_collections.ConfigDict, plan: _Plan, step: int,
                      train_seconds: float = 0.0) -> dict[str, Any]:
-    """What identifies the data position of a checkpoint besides its step, and the
-    training time spent up to it (so that a resumed run reports the total)."""
+    """What identifies the data position of a checkpoint besides its step, the training
+    time spent up to it (a resumed run reports the total and keeps to the rest of the
+    budget), and the configured schedule length (to tell whether a budget shortened it)."""
     return {"step": step, "epoch": step / plan.steps_per_epoch, "batch_size": plan.batch_size,
             "num_rows": plan.num_rows, "seed": config.seed, "shuffle": config.shuffle,
-            "train_seconds": train_seconds}
+            "train_seconds": train_seconds, "planned_steps": plan.total_steps}
 
 
 def _restore_for_resume(checkpointer: checkpoint_lib.Checkpointer, state: TrainState,
                         config: ml_collections.ConfigDict, plan: _Plan) -> tuple[TrainState, float]:
     """The newest checkpoint restored into `state`'s structure, checked against the
-    run, and the training seconds spent up to it."""
+    run, and the training seconds spent up to it.
+
+    The schedule's length is the configured one (a changed num_steps or num_epochs takes
+    effect), unless `fit_schedule_to_budget` had shortened it and this run fits it to a
+    budget too: then the shortened schedule goes on (within the configured length), to
+    be re-planned against the rest of the budget."""
     restored, meta = checkpointer.restore(checkpoint_lib.abstract_like(state))
     expected = _checkpoint_meta(config, plan, int(restored.step))
     for key in ("batch_size", "num_rows", "seed", "shuffle"):
@@ -690,7 +706,17 @@ def _restore_for_resume(checkpointer: checkpoint_lib.Checkpointer, state: TrainS
                 f"{key}={meta.get(key)!r}, but this run has {key}={expected[key]!r}; resuming would not "
                 "continue it exactly."
             )
+    total = plan.total_steps
+    shortened = int(restored.total_steps) < meta.get("planned_steps", plan.total_steps)
+    if config.time_budget_s and config.fit_schedule_to_budget and shortened:
+        total = min(int(restored.total_steps), plan.total_steps)
+    restored = restored.replace(total_steps=jax.device_put(jnp.int32(total), restored.total_steps.sharding))
     return restored, float(meta.get("train_seconds", 0.0))
+
+
+def _clock() -> float:
+    """Seconds on a monotonic clock: the loop's one time source (tests replace it)."""
+    return time.monotonic()
 
 
 class _NoWriter:
@@ -720,19 +746,21 @@ class _Loop:
         self.last_eval: dict[str, dict[str, float]] = {}
 
     def run(self, state: TrainState, previous_seconds: float = 0.0) -> TrainResult:
-        """Trains from `state`; `previous_seconds`: training time before it (a resume)."""
+        """Trains from `state`; `previous_seconds`: training time before it (a resume),
+        taken from the time budget."""
         config, plan = self.config, self.plan
         self.previous_seconds = previous_seconds
         self.state, self.step, self.total = state, int(state.step), int(state.total_steps)
         self.saved_step = self.step if self.checkpointer.latest_step() == self.step else None
-        self.started = self.last_flush = time.monotonic()
+        self.started = self.last_flush = _clock()
         self.steady: Optional[tuple[float, int]] = None  # (time, step) after the first log
-        stop_reason = "done"
+        budget_spent = config.time_budget_s > 0 and previous_seconds >= config.time_budget_s
+        stop_reason = "time_budget" if budget_spent else "done"  # a resume with no budget left trains no step
         permutation, permutation_epoch = jnp.zeros((0,), jnp.int32), None
         self.bar = tqdm.tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True,
                              disable=not (config.progress_bar and distributed.is_main_process()), smoothing=0.1)
         with self.bar, _StopSignals() as signals:
-            while self.step < self.total:
+            while stop_reason == "done" and self.step < self.total:
                 epoch = self.step // plan.steps_per_epoch
                 if config.shuffle and epoch != permutation_epoch:
                     permutation, permutation_epoch = self.permute(epoch), epoch
@@ -782,7 +810,7 @@ class _Loop:
         leave the others waiting in the next step's all-reduce."""
         config = self.config
         reason = signals.received or "done"
-        if reason == "done" and config.time_budget_s and time.monotonic() - self.started >= config.time_budget_s:
+        if reason == "done" and config.time_budget_s and self._budget_used() >= config.time_budget_s:
             reason = "time_budget"
         if jax.process_count() == 1:
             return reason
@@ -801,7 +829,7 @@ class _Loop:
                 kept = (f"The last good checkpoint (step {latest}) is kept in {self.checkpointer.directory}."
                         if latest is not None else "No checkpoint was saved before it, so there is nothing to resume.")
                 raise NonFiniteLossError(f"the training loss is {logged['loss']} at step {step}; stopping. {kept}")
-        now = time.monotonic()
+        now = _clock()
         means = {name: float(np.mean([logged[name] for logged in fetched])) for name in fetched[0]}
         means["learning_rate"] = float(fetched[-1]["learning_rate"])
         means["steps_per_second"] = len(fetched) / max(now - self.last_flush, 1e-9)
@@ -811,17 +839,18 @@ class _Loop:
         self.last_flush = now
 
     def _fit_schedule_to_budget(self) -> None:
-        """Re-plans the schedule's length so that it ends with the time budget, from
-        the time per step measured since the first log (compilation excluded)."""
+        """Re-plans the schedule's length so that it ends with the time budget (what
+        is left of it after a resume), from the time per step measured since the
+        first log of this `train` call (compilation excluded)."""
         config = self.config
         if not (config.time_budget_s and config.fit_schedule_to_budget):
             return
-        now = time.monotonic()
+        now = _clock()
         if self.steady is None:
             self.steady = (now, self.step)
             return
         seconds_per_step = (now - self.steady[0]) / max(self.step - self.steady[1], 1)
-        remaining = config.time_budget_s - (now - self.started)
+        remaining = config.time_budget_s - self._budget_used(now)
         total = int(np.clip(self.step + remaining / seconds_per_step, self.step + 1, self.plan.total_steps))
         total = int(distributed.broadcast_from_main(np.int32(total)))  # one schedule on every process
         if total != self.total:
@@ -834,9 +863,9 @@ class _Loop:
         if not self.evaluators:
             return
         self._flush()
-        started = time.monotonic()
+        started = _clock()
         self.last_eval = {split: evaluate_split(self.state.params) for split, evaluate_split in self.evaluators.items()}
-        seconds = time.monotonic() - started
+        seconds = _clock() - started
         self.eval_seconds += seconds
         for split, values in self.last_eval.items():
             self.writer.write(self.step, split, values)
@@ -845,11 +874,16 @@ class _Loop:
                                f"{_format(values)} [{seconds:.1f}s]", file=sys.stderr)
         if self.on_eval is not None:
             self.on_eval(self.step, self.state.params, self.last_eval)
-        self.last_flush += time.monotonic() - started  # keep evaluation out of steps_per_second
+        self.last_flush += _clock() - started  # keep evaluation out of steps_per_second
+
+    def _budget_used(self, now: Optional[float] = None) -> float:
+        """Seconds of the time budget used: training before a resume, and this call's
+        loop so far (its evaluations included)."""
+        return self.previous_seconds + (_clock() if now is None else now) - self.started
 
     def _train_seconds(self) -> float:
         """Training time so far, resumed parts included, evaluations excluded."""
-        return self.previous_seconds + time.monotonic() - self.started - self.eval_seconds
+        return self.previous_seconds + _clock() - self.started - self.eval_seconds
 
     def _save(self) -> None:
         self._flush()  # never checkpoint past a non-finite loss

@@ -312,3 +312,62 @@ def test_resuming_a_finished_run_or_a_cut_log_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl line 3 is not a metrics record"):
         train.train(softmax_regression(), config(num_steps=8), workdir, data, test, resume=True)
+
+
+class FakeClock:
+    """Stands in for `train._clock`: every reading is `tick` seconds after the one
+    before, so that a run's time follows the loop's progress, not the machine's speed."""
+
+    def __init__(self, tick: float = 1e-3):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def stop_at_first_eval(step, params, metrics):
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stopped_and_resumed(workdir: str, budget: float) -> tuple[dict, dict, list[float], int]:
+    """A budgeted run stopped by SIGTERM at step 101 (after its first evaluation), a
+    third of the way into its budget, then resumed: both results, the logged learning
+    rates, and how many were logged before the stop."""
+    data, test = toy_data(40), {"test": toy_data(20)}
+    c = config(num_steps=10**6, time_budget_s=budget, eval_every_steps=100)
+    first = train.train(softmax_regression(), c, workdir, data, test, on_eval=stop_at_first_eval).results
+    assert first["stop_reason"] == "SIGTERM" and first["train_seconds"] < budget / 2
+    logged = len([r for r in read_metrics(workdir) if r["split"] == "train"])
+    resumed = train.train(softmax_regression(), c, workdir, data, test, resume=True).results
+    rates = [r["learning_rate"] for r in read_metrics(workdir) if r["split"] == "train"]
+    return first, resumed, rates, logged
+
+
+def test_a_resumed_run_keeps_to_the_budget_of_the_whole_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "_clock", FakeClock(tick=1e-3))  # about 3 ms per step
+    first, resumed, _, _ = stopped_and_resumed(str(tmp_path), budget=1.0)
+    assert resumed["stop_reason"] == "time_budget" and resumed["steps"] > first["steps"]
+    assert 1.0 <= resumed["train_seconds"] <= 1.05, "the budget covers the run, not each part"
+
+
+def test_a_resumed_budgeted_run_continues_its_learning_rate_decay(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "_clock", FakeClock(tick=1e-3))
+    _, _, rates, logged = stopped_and_resumed(str(tmp_path), budget=1.0)
+    around = rates[logged - 1:logged + 5]  # the last rate before the stop, the first five after
+    assert around[0] < 0.9 * config().learning_rate, "the stop came well into the decay"
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(around, around[1:])), f"the decay restarted: {around}"
+
+
+def test_a_resume_with_the_budget_spent_stops_at_once_and_evaluates(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "_clock", FakeClock())
+    workdir, data, test = str(tmp_path), toy_data(40), {"test": toy_data(20)}
+    c = config(num_steps=10**6, time_budget_s=0.1, fit_schedule_to_budget=False)
+    first = train.train(softmax_regression(), c, workdir, data, test).results
+    assert first["stop_reason"] == "time_budget" and first["train_seconds"] >= 0.1
+    logged = read_metrics(workdir)
+
+    again = train.train(softmax_regression(), c, workdir, data, test, resume=True).results
+    assert again["stop_reason"] == "time_budget" and again["steps"] == first["steps"]
+    assert "test_accuracy" in again
+    assert [r for r in read_metrics(workdir) if r["split"] == "train"] == [r for r in logged if r["split"] == "train"]
