@@ -33,7 +33,7 @@ import optax
 
 import rnnlab
 from rnnlab import distributed, plots, sample, train
-from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell
+from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, check_positive_int
 from rnnlab.data import text as text_data
 from rnnlab.metrics import read_metrics
 
@@ -59,8 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
       num_layers: depth of the recurrent stack.
       width: units per layer.
       embed_dim: size of the character embedding.
-      dropout_keep: keep probability of the embedding and of every layer's output in
-        training (1.0: no dropout).
+      dropout_keep: keep probability in (0, 1] of the embedding and of every layer's
+        output in training (1.0: no dropout).
       gru_reset_after: with `cell="gru"`, use the cuDNN "reset after" form (one fused
         recurrent matmul per step) instead of TF1's.
       unroll: steps per `lax.scan` iteration.
@@ -152,6 +152,21 @@ def get_large_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 250
     config.checkpoint_every_steps = 250
     return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line `ValueError` naming a model or data field of `config` out of
+    range; `run` calls it before it reads data or writes to the workdir. (`sample.*`
+    needs the vocabulary: `check_sample_options`.)"""
+    if config.shuffle:
+        raise ValueError("config.shuffle must be False: the carried state needs the windows of a stream in order.")
+    if config.cell not in CELL_TYPES:
+        raise ValueError(f"config.cell: unknown cell type {config.cell!r}; choose from {', '.join(CELL_TYPES)}.")
+    for name in ("num_layers", "width", "embed_dim", "unroll", "bptt_steps"):
+        check_positive_int(config[name], f"config.{name}")
+    if not 0.0 < config.dropout_keep <= 1.0:  # NaN fails too
+        raise ValueError(f"config.dropout_keep must be a keep probability in (0, 1] (1.0: no dropout), "
+                         f"got {config.dropout_keep!r}.")
 
 
 def make_cell(kind: str, width: int, gru_reset_after: bool = True) -> RNNCell:
@@ -386,9 +401,8 @@ def run(
     `eval_batch_size`, ...) / `common.RESUME_FIELDS` from `config`.
     """
     common.check_mode(name, mode, MODES)
-    if config.shuffle:
-        raise ValueError("config.shuffle must be False: the carried state needs the windows of a stream in order.")
     config = common.config_for_run(config, workdir, mode, resume)
+    check_config(config)
     if mode == "train":
         return _train(config, workdir, resume, data_dir, tfds_data_dir)
     vocab = _load_vocab(workdir)

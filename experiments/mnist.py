@@ -27,7 +27,7 @@ import numpy as np
 
 import rnnlab
 from rnnlab import distributed, plots, train
-from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell
+from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, check_positive_int
 from rnnlab.metrics import read_metrics
 
 from experiments import common, registry
@@ -40,6 +40,7 @@ CELL_FACTORIES: dict[str, Callable[[int], RNNCell]] = {
     "gru": rnnlab.cells.gru,
     "rnn": rnnlab.cells.basic_rnn,
 }
+UNROLL_METHODS = ("scan", "static")
 
 
 def get_config(cells: str = "lstm", bidirectional: bool = False) -> ml_collections.ConfigDict:
@@ -52,10 +53,11 @@ def get_config(cells: str = "lstm", bidirectional: bool = False) -> ml_collectio
         layer `l` reads both directions' outputs of layer `l - 1`).
       unroll_method: "scan" (`lax.scan`) or "static" (a Python loop of 28 steps).
       unroll: steps per `lax.scan` iteration.
-      dropout_keep: keep probability of every layer's output (1.0: no dropout).
+      dropout_keep: keep probability in (0, 1] of every layer's output (1.0: no dropout).
       augment_shift: in training, shift each image by up to this many pixels in both
         directions (zero padded); 0 disables.
-      reading_digits: how many test digits the "model reading a digit" figure shows.
+      reading_digits: how many test digits the "model reading a digit" figure shows
+        (0: no figure).
     Training fields: see `rnnlab.train.default_config`.
     """
     config = common.base_config(
@@ -100,6 +102,28 @@ def _bilstm_config() -> ml_collections.ConfigDict:
         eval_every_steps=2000,
     ))
     return config
+
+
+def check_non_negative_int(config: ml_collections.ConfigDict, name: str, meaning: str = "") -> None:
+    """Raises a one-line `ValueError` unless `config[name]` is an integer >= 0."""
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config.{name} must be an integer >= 0{meaning}, got {value!r}.")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line `ValueError` naming a field of `config` out of range; `run`
+    calls it before it reads data or writes to the workdir. (`cells` and `num_units`
+    are checked by `layer_cells`, which parses them.)"""
+    if config.unroll_method not in UNROLL_METHODS:
+        raise ValueError(f"config.unroll_method must be one of {', '.join(map(repr, UNROLL_METHODS))}, "
+                         f"got {config.unroll_method!r}.")
+    check_positive_int(config.unroll, "config.unroll")
+    if not 0.0 < config.dropout_keep <= 1.0:  # NaN fails too
+        raise ValueError(f"config.dropout_keep must be a keep probability in (0, 1] (1.0: no dropout), "
+                         f"got {config.dropout_keep!r}.")
+    check_non_negative_int(config, "augment_shift", " (0: no shifts)")
+    check_non_negative_int(config, "reading_digits", " (0: no figure)")
 
 
 def make_cell(kind: str, num_units: int) -> RNNCell:
@@ -275,6 +299,7 @@ def run(
     """
     common.check_mode(name, mode, ("train", "eval"))
     config = common.config_for_run(config, workdir, mode, resume)
+    check_config(config)
     task, model = make_task(config)
     test = load_split("test", data_dir, tfds_data_dir)
     if mode == "train":

@@ -2,7 +2,8 @@
 
 Two orders: the raster order (sequential MNIST) and a fixed random permutation of the
 784 pixels (permuted MNIST), drawn from `np.random.default_rng(config.permutation_seed)`
-and written to `permutation.json` in the workdir. `config.pixel_stride` keeps every
+and, in a permuted run, written to `permutation.json` in the workdir (for reading only:
+eval and resume take the order from `config.json`). `config.pixel_stride` keeps every
 `stride`-th step of that order (1: all 784), which shortens the sequences for tests.
 
 Two models:
@@ -11,10 +12,11 @@ Two models:
   `1 -> H`, then `num_layers` residual blocks
   `x + dropout(GLU(GELU(cell(LayerNorm(x)))))` with a linear-recurrence cell (`lru(H, N)`
   or `min_gru(H)`), mean pooling over time and a linear classifier. The cells are
-  unrolled with `config.unroll_method`: "associative", "scan", or "auto" (the default:
-  the associative scan on GPU/TPU, `lax.scan` on CPU, where this model's train step
-  with the hoisted sequential scan of the linear recurrence measured 1.05-1.3x faster
-  than with the associative scan, and compiles faster; docs/benchmarks.md).
+  unrolled with `config.unroll_method`: "associative", "scan", "static" (slow to
+  compile), or "auto" (the default: the associative scan on GPU/TPU, `lax.scan` on
+  CPU, where this model's train step with the hoisted sequential scan of the linear
+  recurrence measured 1.05-1.3x faster than with the associative scan, and compiles
+  faster; docs/benchmarks.md).
 
 The LRU paper trains the recurrence's `ν_log, θ_log, γ_log` with a smaller learning rate.
 `rnnlab.train` has one learning rate for all params, so the model stores these three as
@@ -26,6 +28,7 @@ as fast as the other params.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any, Optional
 
@@ -36,7 +39,7 @@ import numpy as np
 
 import rnnlab
 from rnnlab import distributed, plots, train
-from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell
+from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, check_positive_int
 from rnnlab.cells.linear import lru, min_gru
 from rnnlab.cells.lstm import lstm
 from rnnlab.metrics import read_metrics
@@ -46,6 +49,9 @@ from experiments import common, mnist, registry
 NUM_STEPS = mnist.NUM_ROWS * mnist.NUM_PIXELS  # 784
 CELL_TYPES = ("lstm", "lru", "min_gru")
 RECURRENT_KEYS = ("nu_log", "theta_log", "gamma_log")
+LINEAR_FIELDS = ("state_size", "num_layers", "r_min", "r_max", "max_phase", "recurrent_lr_factor", "dropout")
+"""The config fields of the linear stack only; the LSTM's configs lack them."""
+UNROLL_METHODS = {"lstm": ("scan", "static"), "linear": ("auto", "associative", "scan", "static")}
 
 
 def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.ConfigDict:
@@ -54,15 +60,19 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
     Model fields:
       cell: one of `CELL_TYPES`.
       num_units: `H`, the LSTM's width or the linear stack's model width.
-      state_size: `N`, the LRU's complex state size.
-      num_layers: residual blocks of the linear stack (the LSTM has one layer).
-      r_min, r_max, max_phase: the LRU's ring initialisation.
-      recurrent_lr_factor: learning-rate factor of the LRU's `ν_log, θ_log, γ_log`.
-      dropout: drop rate after every block's GLU (training only).
       augment_shift: in training, shift each image by up to this many pixels in both
         directions (zero padded) before reading its pixels; 0 disables.
-      unroll_method: "associative", "scan" or "auto" (associative on accelerators, scan
-        on CPU) for the linear stack; the LSTM uses "scan".
+      unroll_method: the linear stack: "auto" (the default: associative on
+        accelerators, scan on CPU), "associative", "scan" or "static"; the LSTM:
+        "scan" (its default) or "static". "static" is a Python loop of one graph node
+        per step: a 784-step static unroll compiles for minutes.
+    Fields of the linear stack only (`LINEAR_FIELDS`; the LSTM's config lacks them):
+      state_size: `N`, the LRU's complex state size.
+      num_layers: residual blocks (the LSTM has one layer).
+      r_min, r_max, max_phase: the LRU's ring initialisation.
+      recurrent_lr_factor: learning-rate factor of the LRU's `ν_log, θ_log, γ_log`.
+      dropout: drop rate in [0, 1) after every block's GLU (training only).
+    Data fields:
       permuted: read the pixels in the order of a fixed random permutation.
       permutation_seed: seed of `np.random.default_rng` drawing that permutation.
       pixel_stride: keep every this many steps of the pixel order (1 keeps all 784).
@@ -94,13 +104,14 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
     )
     config.cell = cell
     config.num_units = 64
-    config.state_size = 64
-    config.num_layers = 3
-    config.r_min = 0.9
-    config.r_max = 0.999
-    config.max_phase = 2 * np.pi
-    config.recurrent_lr_factor = 0.5
-    config.dropout = 0.0
+    if cell != "lstm":
+        config.state_size = 64
+        config.num_layers = 3
+        config.r_min = 0.9
+        config.r_max = 0.999
+        config.max_phase = 2 * np.pi
+        config.recurrent_lr_factor = 0.5
+        config.dropout = 0.0
     config.augment_shift = 0
     # With optimizer="adamw": decay neither the recurrence (decaying ν_log towards 0
     # would pull |λ| = exp(-exp(ν_log)) away from 1 and shorten the memory), nor the
@@ -114,6 +125,35 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
     if cell == "lstm":
         config.update(dict(num_units=128, batch_size=32, learning_rate=1e-3, optimizer="adam", weight_decay=0.0))
     return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line `ValueError` naming a field of `config` out of range; `run`
+    calls it before it reads data or writes to the workdir. (The LRU checks `r_min`,
+    `r_max` and `max_phase` itself, when `build_model` makes it.)"""
+    if config.cell not in CELL_TYPES:
+        raise ValueError(f"config.cell: unknown cell type {config.cell!r}; choose from {', '.join(CELL_TYPES)}.")
+    linear = config.cell != "lstm"
+    methods = UNROLL_METHODS["linear" if linear else "lstm"]
+    if config.unroll_method not in methods:
+        raise ValueError(f"config.unroll_method must be one of {', '.join(map(repr, methods))} for cell "
+                         f"{config.cell!r}, got {config.unroll_method!r}.")
+    for name in ("num_units", "pixel_stride"):
+        check_positive_int(config[name], f"config.{name}")
+    mnist.check_non_negative_int(config, "augment_shift", " (0: no shifts)")
+    mnist.check_non_negative_int(config, "permutation_seed")
+    mnist.check_non_negative_int(config, "num_test_examples", " (0: all)")
+    if not linear:
+        return
+    missing = [name for name in LINEAR_FIELDS if name not in config]
+    if missing:
+        raise ValueError(f"config.cell={config.cell!r} needs the linear stack's fields, which this config (an "
+                         f"LSTM's) lacks: {', '.join(missing)}; run lru_pixel_mnist with --config.cell={config.cell}.")
+    check_positive_int(config.num_layers, "config.num_layers")
+    if not 0.0 <= config.dropout < 1.0:  # NaN fails too
+        raise ValueError(f"config.dropout must be a drop rate in [0, 1), got {config.dropout!r}.")
+    if not 0.0 < config.recurrent_lr_factor < math.inf:
+        raise ValueError(f"config.recurrent_lr_factor must be a finite number > 0, got {config.recurrent_lr_factor!r}.")
 
 
 def pixel_order(config: ml_collections.ConfigDict) -> np.ndarray:
@@ -282,13 +322,15 @@ def run(
 ) -> dict[str, Any]:
     """Trains ("train") or evaluates the newest checkpoint ("eval"); see `registry.RunFn`.
 
-    "train" writes what `rnnlab.train.train` writes plus `permutation.json` and
-    `curves.png`; "eval" writes `eval_results.json` (`step`, `test_loss`, `test_accuracy`).
+    "train" writes what `rnnlab.train.train` writes plus `curves.png` and, when
+    `config.permuted`, `permutation.json`; "eval" writes `eval_results.json` (`step`,
+    `test_loss`, `test_accuracy`).
     "eval" and `resume` build the model and the pixel order from the run's
     `config.json`, taking only `common.EVAL_FIELDS` / `common.RESUME_FIELDS` from `config`.
     """
     common.check_mode(name, mode, ("train", "eval"))
     config = common.config_for_run(config, workdir, mode, resume)
+    check_config(config)
     task, _ = make_task(config)
     test = mnist.load_split("test", data_dir, tfds_data_dir)
     if config.num_test_examples:
@@ -296,8 +338,8 @@ def run(
     if mode == "train":
         train_data = mnist.load_split("train", data_dir, tfds_data_dir)
         # permutation.json is written by train.train after its workdir checks: a refused run keeps the old one.
-        result = train.train(task, config, workdir, train_data, {"test": test}, resume=resume,
-                             files={PERMUTATION_FILE: permutation_record(config)})
+        files = {PERMUTATION_FILE: permutation_record(config)} if config.permuted else None
+        result = train.train(task, config, workdir, train_data, {"test": test}, resume=resume, files=files)
         if distributed.is_main_process() and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
             plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
         return result.results

@@ -27,7 +27,7 @@ import numpy as np
 
 import rnnlab
 from rnnlab import distributed, plots, train
-from rnnlab.cells.base import Array, Params, PRNGKey
+from rnnlab.cells.base import Array, Params, PRNGKey, check_positive_int
 from rnnlab.data import sine as sine_data
 from rnnlab.metrics import read_metrics
 
@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
       amplitudes: comma-separated amplitudes, one per frequency ("" for all ones).
       noise_std: standard deviation of the additive Gaussian noise; it is also the
         lowest RMSE a predictor can reach on noisy targets.
-      dt: sampling interval.
+      dt: sampling interval (> 0).
       series_seed: seeds the phases and the noise.
       split_fractions: comma-separated train, validation, test fractions.
     Model fields:
@@ -76,6 +76,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_units = 32
     config.unroll = 1
     return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line `ValueError` naming a field of `config` out of range; `run`
+    calls it before it writes to the workdir. (`make_splits` checks the rest of the
+    series fields.)"""
+    for name in ("num_points", "window", "num_units", "unroll"):
+        check_positive_int(config[name], f"config.{name}")
+    if not 0.0 < config.dt < math.inf:
+        raise ValueError(f"config.dt must be a finite number > 0, got {config.dt!r}.")
+    if not 0.0 <= config.noise_std < math.inf:
+        raise ValueError(f"config.noise_std must be a finite number >= 0, got {config.noise_std!r}.")
+    if isinstance(config.series_seed, bool) or not isinstance(config.series_seed, int) or config.series_seed < 0:
+        raise ValueError(f"config.series_seed must be an integer >= 0, got {config.series_seed!r}.")
 
 
 def _floats(config: ml_collections.ConfigDict, name: str) -> Optional[list[float]]:
@@ -202,6 +216,7 @@ def run(
     del data_dir, tfds_data_dir
     common.check_mode(name, mode, ("train", "eval"))
     config = common.config_for_run(config, workdir, mode, resume)
+    check_config(config)
     model = build_model(config)
     task = make_task(model)
     splits = make_splits(config)

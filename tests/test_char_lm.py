@@ -211,3 +211,22 @@ def test_bad_sample_options_fail_before_training(trained_run, tmp_path, field, v
     with pytest.raises(ValueError, match=message):
         char_lm.run(config, str(tmp_path / "run"), data_dir=data_dir)
     assert not (tmp_path / "run").exists(), "nothing trained or written"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dropout_keep", 1.5, r"must be a keep probability in \(0, 1\] \(1.0: no dropout\), got 1.5\.$"),
+    ("dropout_keep", 0.0, r"must be a keep probability in \(0, 1\]"),
+    ("unroll", 0, "must be a positive integer, got 0"),
+    ("bptt_steps", 0, "must be a positive integer, got 0"),
+    ("embed_dim", 0, "must be a positive integer, got 0"),
+    ("num_layers", 0, "must be a positive integer, got 0"),
+    ("cell", "transformer", ": unknown cell type 'transformer'"),
+    ("shuffle", True, "must be False"),
+])
+def test_bad_model_fields_fail_before_data_or_workdir(field, value, message, tmp_path, monkeypatch):
+    def load_corpus(*args, **kwargs):
+        raise AssertionError("data was loaded before the config was checked")
+    monkeypatch.setattr(char_lm, "load_corpus", load_corpus)
+    with pytest.raises(ValueError, match=rf"^config\.{field} ?{message}"):
+        char_lm.run(tiny_config(**{field: value}), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

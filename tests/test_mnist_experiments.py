@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import jax
@@ -137,3 +138,30 @@ def test_resume_through_the_experiment_continues_exactly(data_dir, tmp_path):
     assert int(resumed.state.step) == 7
     jax.tree.map(np.testing.assert_array_equal, resumed.state.params, reference.state.params)
     jax.tree.map(np.testing.assert_array_equal, resumed.state.opt_state, reference.state.opt_state)
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fails a test that reads MNIST: the config checks come first."""
+    def load_split(*args, **kwargs):
+        raise AssertionError("data was loaded before the config was checked")
+    monkeypatch.setattr(mnist, "load_split", load_split)
+
+
+@pytest.mark.parametrize("field, value", [("dropout_keep", 1.5), ("dropout_keep", 0.0), ("dropout_keep", float("nan")),
+                                          ("unroll_method", "associative"), ("unroll", 0), ("augment_shift", -1),
+                                          ("reading_digits", -2)])
+def test_bad_fields_fail_before_data_or_workdir(field, value, no_data, tmp_path):
+    config = tiny(mnist.get_config("lstm"), **{field: value})
+    with pytest.raises(ValueError, match=rf"^config\.{field} must be .*, got {re.escape(repr(value))}\.$"):
+        mnist.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_checks_its_command_line_fields(no_data, tmp_path):
+    """`reading_digits` comes from the command line in eval mode: checked before the
+    checkpoint is read (here there is none, only the run's config.json)."""
+    train.write_json(str(tmp_path / "config.json"), tiny(mnist.get_config("lstm")).to_dict())
+    with pytest.raises(ValueError, match="config.reading_digits must be an integer >= 0 .*got -2"):
+        mnist.run(tiny(mnist.get_config("lstm"), reading_digits=-2), str(tmp_path), mode="eval")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]

@@ -4,6 +4,7 @@ sequences (`pixel_stride=49`), and the permutation they read the pixels in."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -18,9 +19,10 @@ PIXEL_EXPERIMENTS = sorted(pixel_mnist.EXPERIMENTS)
 
 def tiny(config, **overrides):
     """`config` shrunk to a few steps of a width-8, one-block model on 16 pixels."""
-    config.update(dict(num_units=8, state_size=4, num_layers=1, pixel_stride=49, batch_size=16,
-                       eval_batch_size=16, num_steps=3, warmup_steps=1, log_every_steps=1,
-                       checkpoint_every_steps=0, time_budget_s=0.0, progress_bar=False))
+    if "num_layers" in config:  # the linear stack's
+        config.update(dict(state_size=4, num_layers=1))
+    config.update(dict(num_units=8, pixel_stride=49, batch_size=16, eval_batch_size=16, num_steps=3, warmup_steps=1,
+                       log_every_steps=1, checkpoint_every_steps=0, time_budget_s=0.0, progress_bar=False))
     config.update(overrides)
     return config
 
@@ -46,8 +48,15 @@ def test_experiment_trains_end_to_end(name, data_dir, tmp_path):
     assert results["steps"] == 3 and 0.0 <= results["test_accuracy"] <= 1.0
     assert json.loads((tmp_path / "results.json").read_text()) == pytest.approx(results)
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    written = json.loads((tmp_path / "permutation.json").read_text())
-    assert written["order"] == pixel_mnist.pixel_order(config).tolist()
+    assert (tmp_path / "permutation.json").exists() == config.permuted, "written for permuted runs only"
+    if config.permuted:
+        written = json.loads((tmp_path / "permutation.json").read_text())
+        assert written["order"] == pixel_mnist.pixel_order(config).tolist()
+    if name == "lstm_pixel_mnist":  # eval reads its config.json, also one with the LRU fields older versions wrote
+        trained = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps(dict(trained, state_size=64, num_layers=3, dropout=0.0)))
+        evaluated = experiment.run(config, str(tmp_path), mode="eval", data_dir=data_dir)
+        assert evaluated["test_loss"] == pytest.approx(results["test_loss"], rel=1e-5)
     if name == "lru_ppixel_mnist":  # eval mode reproduces the final test figures
         evaluated = experiment.run(config, str(tmp_path), mode="eval", data_dir=data_dir)
         assert evaluated["step"] == 3
@@ -112,3 +121,42 @@ def test_recurrent_params_are_stored_scaled():
 def test_unknown_cell_is_refused():
     with pytest.raises(ValueError, match="unknown cell type 'gru'"):
         pixel_mnist.build_model(pixel_mnist.get_config("gru"))
+
+
+def test_the_lstm_config_has_only_the_fields_it_uses():
+    lstm_fields = set(pixel_mnist.get_config("lstm"))
+    assert not lstm_fields & {"state_size", "num_layers", "r_min", "r_max", "max_phase", "recurrent_lr_factor",
+                              "dropout"}
+    assert lstm_fields < set(pixel_mnist.get_config("lru"))
+    config = tiny(pixel_mnist.get_config("lstm"), cell="lru")
+    with pytest.raises(ValueError, match="config.cell='lru' needs the linear stack's fields.*lru_pixel_mnist"):
+        pixel_mnist.check_config(config)
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fails a test that reads MNIST: the config checks come first."""
+    def load_split(*args, **kwargs):
+        raise AssertionError("data was loaded before the config was checked")
+    monkeypatch.setattr(mnist, "load_split", load_split)
+
+
+@pytest.mark.parametrize("name, field, value, allowed", [
+    ("lru_ppixel_mnist", "dropout", 1.5, "a drop rate in [0, 1)"),
+    ("lru_ppixel_mnist", "dropout", -0.5, "a drop rate in [0, 1)"),
+    ("lru_pixel_mnist", "unroll_method", "foo", "one of 'auto', 'associative', 'scan', 'static' for cell 'lru'"),
+    ("lstm_pixel_mnist", "unroll_method", "associative", "one of 'scan', 'static' for cell 'lstm'"),
+    ("lru_pixel_mnist", "num_test_examples", -5, "an integer >= 0 (0: all)"),
+    ("lstm_pixel_mnist", "num_test_examples", -5, "an integer >= 0 (0: all)"),
+    ("min_gru_ppixel_mnist", "num_layers", 0, "a positive integer"),
+    ("lru_pixel_mnist", "recurrent_lr_factor", 0.0, "a finite number > 0"),
+    ("lstm_pixel_mnist", "augment_shift", -1, "an integer >= 0"),
+    ("lru_ppixel_mnist", "permutation_seed", -1, "an integer >= 0"),
+])
+def test_bad_fields_fail_before_data_or_workdir(name, field, value, allowed, no_data, tmp_path):
+    experiment = registry.get(name)
+    config = tiny(experiment.get_config(), progress_bar=True, **{field: value})
+    message = rf"^config\.{field} must be {re.escape(allowed)}.*, got {re.escape(repr(value))}\.$"
+    with pytest.raises(ValueError, match=message):
+        experiment.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -133,3 +134,19 @@ def test_only_process_0_writes_files(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "is_main_process", lambda: False)
     sine.run(tiny_config(num_steps=4, checkpoint_every_steps=0), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("unroll", 0, "a positive integer"),
+    ("window", 0, "a positive integer"),
+    ("num_units", -1, "a positive integer"),
+    ("dt", 0.0, "a finite number > 0"),
+    ("dt", float("nan"), "a finite number > 0"),
+    ("noise_std", float("nan"), "a finite number >= 0"),
+    ("series_seed", -1, "an integer >= 0"),
+])
+def test_bad_fields_fail_before_the_workdir_is_written(field, value, allowed, tmp_path):
+    message = rf"^config\.{field} must be {re.escape(allowed)}, got {re.escape(repr(value))}\.$"
+    with pytest.raises(ValueError, match=message):
+        sine.run(tiny_config(**{field: value}), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
