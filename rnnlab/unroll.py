@@ -12,7 +12,7 @@ Semantics follow TF1's `dynamic_rnn` / `static_rnn`:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,13 +117,22 @@ def unroll(
     xs = _to_time_major(inputs, time_major)
     num_steps, batch_size = xs.shape[0], xs.shape[1]
     lengths = check_lengths(lengths, batch_size, num_steps)
-    if initial_state is None:
-        initial_state = batched_initial_state(cell, params, batch_size, rng)
-    elif rng is not None:
+    if not isinstance(cell, RNNCell):
+        raise TypeError(f"cell must be an rnnlab RNNCell (e.g. rnnlab.cells.lstm(128)), got {type(cell).__name__}.")
+    if initial_state is not None and rng is not None:
         raise ValueError(_RNG_OR_INITIAL_STATE)
-    else:
-        _check_batched_state(initial_state, batch_size)
-    initial_state = _state_for_steps(cell, params, initial_state, xs)
+    try:
+        if initial_state is None:
+            initial_state = batched_initial_state(cell, params, batch_size, rng)
+        else:
+            _check_batched_state(initial_state, batch_size)
+        initial_state = _state_for_steps(cell, params, initial_state, xs)
+    except TypeError:  # e.g. a matmul of mismatched shapes: name the param that does not fit, if one does not
+        check_params(cell, params, xs.shape[-1])
+        raise
+    # After the cell's own checks, whose messages say more (e.g. of the input size); this
+    # catches params the step ignores, e.g. those of another form of the cell.
+    check_params(cell, params, xs.shape[-1])
 
     if reverse:
         xs = _reverse_time_major(xs, lengths)
@@ -295,6 +304,29 @@ def _check_batched_state(state: State, batch_size: int) -> None:
             )
 
 
+def check_params(cell: RNNCell, params: Params, input_size: int) -> None:
+    """Raises a `ValueError` naming the first param whose path or shape differs from
+    what `cell.init(key, input_size)` returns (checked abstractly, at trace time).
+    Dtypes may differ (e.g. bfloat16)."""
+    try:
+        expected = jax.eval_shape(lambda key: cell.init(key, input_size), jax.random.PRNGKey(0))
+    except Exception:  # an init that cannot be traced abstractly: the step reports what it finds
+        return
+    shapes = {jax.tree_util.keystr(path): np.shape(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    wanted = {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
+    where = f"params do not fit {cell.name} with input size {input_size}"
+    problems = []
+    if set(wanted) - set(shapes):
+        problems.append(f"missing {', '.join(sorted(set(wanted) - set(shapes)))}")
+    if set(shapes) - set(wanted):
+        problems.append(f"unexpected {', '.join(sorted(set(shapes) - set(wanted)))}")
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)} (compare cell.init(key, {input_size})).")
+    for name, shape in wanted.items():
+        if tuple(shapes[name]) != tuple(shape):
+            raise ValueError(f"{where}: {name or 'params'} has shape {tuple(shapes[name])}, expected {tuple(shape)}.")
+
+
 def _state_for_steps(cell: RNNCell, params: Params, state: State, xs: Array) -> State:
     """`state`, checked against the cell's state and one step traced abstractly (so that
     shape errors surface with the cell's message), and cast to the dtypes that step
@@ -386,6 +418,9 @@ def bidirectional(
     """
     if merge not in ("concat", "none"):
         raise ValueError(f"merge must be 'concat' or 'none', got {merge!r}.")
+    if not isinstance(params, Mapping) or set(params) != {"fw", "bw"}:
+        got = sorted(map(str, params)) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f"bidirectional params must be a dict with keys 'fw' and 'bw' (see init_bidirectional), got {got}.")
     if rng is not None and all(state is not None for state in initial_states):
         raise ValueError(_RNG_OR_INITIAL_STATE)
     rng_fw, rng_bw = (None, None) if rng is None else tuple(jax.random.split(rng))
@@ -485,6 +520,8 @@ def stacked_bidirectional(
 
 
 def _check_layer_lists(cells_fw: list[RNNCell], cells_bw: list[RNNCell]) -> None:
+    if isinstance(cells_fw, RNNCell) or isinstance(cells_bw, RNNCell):  # a cell is a tuple too
+        raise TypeError("cells_fw and cells_bw are lists with one cell per layer; for one layer pass [cell].")
     if not cells_fw or not cells_bw:
         raise ValueError("stacked_bidirectional needs at least one layer in cells_fw and cells_bw.")
     if len(cells_fw) != len(cells_bw):

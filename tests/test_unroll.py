@@ -624,6 +624,22 @@ def test_rank_two_inputs_are_rejected(rnn_case) -> None:
         rnnlab.unroll(cell, params, xs[0], time_major=True)
 
 
+def test_params_of_another_cell_are_rejected_naming_the_param() -> None:
+    key, xs = jax.random.PRNGKey(0), random_inputs(1)
+    with pytest.raises(ValueError, match=r"params do not fit lstm\(4\) with input size 3: \['b'\] has shape \(32,\), "
+                                         r"expected \(16,\)"):
+        rnnlab.unroll(lstm(4), lstm(8).init(key, I), xs)
+    with pytest.raises(ValueError, match=r"params do not fit gru\(4\) with input size 3: unexpected \['b_h'\]"):
+        rnnlab.unroll(gru(4), gru(4, reset_after=True).init(key, I), xs)
+    with pytest.raises(TypeError, match="cell must be an rnnlab RNNCell"):
+        rnnlab.unroll(lambda x: x, {}, xs)
+    cell = gru(4)
+    with pytest.raises(ValueError, match=r"params must be a dict with keys 'fw' and 'bw' .* got \['b', 'w_h', 'w_x'\]"):
+        rnnlab.bidirectional(cell, cell, cell.init(key, I), xs)
+    with pytest.raises(TypeError, match=r"lists with one cell per layer; for one layer pass \[cell\]"):
+        rnnlab.stacked_bidirectional(cell, cell, [rnnlab.init_bidirectional(cell, cell, key, I)], xs)
+
+
 def test_wrong_input_size_is_rejected_with_the_cell_name(rnn_case) -> None:
     cell, params, _ = rnn_case
     with pytest.raises(ValueError, match=r"basic_rnn\(6\): input has size 5 but .*input_size=3"):
