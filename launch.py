@@ -14,7 +14,9 @@ checkpoint and exits with 128 + the signal number; `--resume` continues it (a se
 Ctrl-C stops at once, without saving).
 
 `--mode=eval|sample` and `--resume` rebuild the model and its data from the run's
-`config.json`, not from the command line: every field keeps its trained value unless
+`config.json`, not from the command line (`--experiment` must name the experiment
+the run was trained with, which `config.json` records, and `--data_dir` must be given
+again): every field keeps its trained value unless
 given again, and a `--config.FIELD` whose value differs from the trained one is
 refused, except the fields that only shape an evaluation
 (`experiments.common.EVAL_FIELDS`: eval_batch_size, sample.*, ...) and, on resume,
@@ -117,8 +119,11 @@ def list_experiments() -> str:
 
 
 def check_config_overrides(argv: Sequence[str], config, experiment: str) -> None:
-    """Fails with one line if a `--config.FIELD` of `argv` names no field of `config`."""
+    """Fails with one line if a `--config.FIELD` of `argv` names no field of `config`,
+    or names `experiment` (which `--experiment` sets)."""
     for path in config_override_paths(argv):
+        if path == "experiment":
+            fail("--config.experiment records the experiment of a run; choose it with --experiment.")
         node = config
         for part in path.split("."):
             if not hasattr(node, "keys") or part not in node:
@@ -183,6 +188,7 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.mode != "train" or FLAGS.resume:  # the run's config.json, with the overrides that may change
         overrides = config_flags.get_override_values(FLAGS["config"])
         try:
+            common.check_trained_by(workdir, experiment.name, config)
             common.check_run_overrides(overrides, workdir, FLAGS.mode, FLAGS.resume)
             config = common.trained_config_with_overrides(config, workdir, overrides)
         except ValueError as error:
@@ -203,12 +209,12 @@ def main(argv: Sequence[str]) -> None:
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         print(f"{PROGRAM}: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    print(json.dumps(results, indent=2, sort_keys=True))  # also when stopped: stop_reason says so
     stop = results.get("stop_reason")
     if stop in ("SIGINT", "SIGTERM"):
         print(f"{PROGRAM}: stopped by {stop} at step {results['steps']}; the checkpoint is saved, continue with "
               f"--resume --workdir={workdir}", file=sys.stderr)
         sys.exit(128 + int(getattr(signal, stop)))
-    print(json.dumps(results, indent=2, sort_keys=True))
 
 
 def run(argv: Optional[list[str]] = None) -> None:
@@ -223,6 +229,7 @@ def run(argv: Optional[list[str]] = None) -> None:
     if "--list" not in argv and name not in registry.names():
         fail(f"unknown experiment {name!r}; known experiments: {', '.join(registry.names())} (see --list)")
     config = registry.get(name if name in registry.names() else DEFAULT_EXPERIMENT).get_config()
+    config.experiment = name  # recorded in config.json, so that eval and resume can check it
     check_config_overrides(argv, config, name)
     try:  # config_flags applies the --config.* overrides of sys.argv here
         config_flags.DEFINE_config_dict("config", config, "The experiment's config; override fields with --config.FIELD=VALUE.",

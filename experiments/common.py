@@ -102,6 +102,25 @@ def read_trained_config(workdir: str) -> dict[str, Any]:
     return trained
 
 
+def check_trained_by(workdir: str, experiment: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses (one-line `ValueError`) a workdir whose run was trained by another
+    experiment: its `config.json` records another `experiment`, or (runs from before
+    that field) holds top-level fields that `config`, the experiment's own, lacks."""
+    trained = read_trained_config(workdir)
+    recorded = trained.get("experiment")
+    if recorded is None:
+        foreign = sorted(set(trained) - set(config.keys()))
+        if not foreign:
+            return
+        why = f"its {CONFIG_FILE} has fields that {experiment!r} lacks ({', '.join(foreign[:4])})"
+    elif recorded != experiment:
+        why = f"it holds a run of --experiment={recorded}"
+    else:
+        return
+    raise ValueError(f"{workdir} was not trained by --experiment={experiment}: {why}; pass the experiment "
+                     "it was trained with.")
+
+
 def trained_config(config: ml_collections.ConfigDict, workdir: str, keep: Sequence[str]) -> ml_collections.ConfigDict:
     """`config` with every field outside `keep` (e.g. `EVAL_FIELDS`) replaced by the
     value the run in `workdir` was trained with (its `config.json`).

@@ -89,10 +89,12 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(data_dir, tmp_path):
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGINT, stderr
     assert "stopped by SIGINT" in stderr and "Traceback" not in stderr
     stopped_at = json.loads((workdir / "results.json").read_text())["steps"]
+    printed = json.loads(stdout)  # stdout is the results, stopped or not
+    assert (printed["stop_reason"], printed["steps"]) == ("SIGINT", stopped_at)
     assert os.listdir(workdir / "checkpoints") == [str(stopped_at)]
 
     resumed = launch(*args, f"--config.num_steps={stopped_at + 2}", "--resume")
@@ -132,6 +134,22 @@ def test_eval_and_resume_use_the_trained_config_and_refuse_other_model_fields(tm
     resumed = launch("--experiment=sine_lstm", workdir, "--resume", "--config.num_steps=6", "--config.window=10")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 6
+    # The run records its experiment; another one (or the default, when --experiment is
+    # left out) is refused, as is setting the record by hand.
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["experiment"] == "sine_lstm"
+    assert_one_line_error(launch(workdir, "--mode=eval"), "was not trained by --experiment=bilstm_mnist",
+                          "it holds a run of --experiment=sine_lstm")
+    assert_one_line_error(launch("--experiment=char_lm", workdir, "--resume"), "--experiment=sine_lstm")
+    assert_one_line_error(launch("--experiment=sine_lstm", "--config.experiment=x"), "choose it with --experiment")
+
+
+def test_a_run_from_before_the_experiment_record_is_checked_by_its_fields(tmp_path):
+    from experiments import common, registry
+
+    (tmp_path / "config.json").write_text(json.dumps({"window": 10, "num_points": 600, "seed": 0}))
+    common.check_trained_by(str(tmp_path), "sine_lstm", registry.get("sine_lstm").get_config())
+    with pytest.raises(ValueError, match=r"fields that 'char_lm' lacks \(num_points, window\)"):
+        common.check_trained_by(str(tmp_path), "char_lm", registry.get("char_lm").get_config())
 
 
 def test_os_errors_are_worded_by_kind():
