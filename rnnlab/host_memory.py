@@ -54,6 +54,8 @@ def reuse_freed_memory() -> bool:
       (macOS, Windows, musl): that process is left as it is.
     """
     global _reused
+    if _reused:  # applied before: calling again changes nothing
+        return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt

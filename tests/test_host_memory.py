@@ -100,3 +100,21 @@ def test_a_late_call_warns():
         """
     )
     assert "before the first JAX computation" in output_of_python(code)
+
+
+@GLIBC_ONLY
+def test_a_second_call_after_an_early_one_does_not_warn():
+    code = textwrap.dedent(
+        """
+        import warnings
+        import jax.numpy as jnp
+        from rnnlab import host_memory
+        first = host_memory.reuse_freed_memory()
+        jnp.ones(3).block_until_ready()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            second = host_memory.reuse_freed_memory()
+        print(first, second, len(caught))
+        """
+    )
+    assert output_of_python(code).split() == ["True", "True", "0"]
