@@ -216,6 +216,28 @@ def test_the_summary_reads_the_reference_even_when_the_first_method_is_skipped()
     assert report.summary(untimed) == []
 
 
+def _results_of(payload: dict) -> list:
+    return [runner.Result(**dict(r, shape=Shape(**r["shape"]), time_ms=bench.Stats(**r["time_ms"]) if r["time_ms"] else None))
+            for r in payload["results"]]
+
+
+def test_the_summary_says_when_no_peer_ran_and_when_the_peers_do_other_work():
+    no_peers = bench.run_benchmark(tiny(methods="scan", peers="", modes="forward"), log=quiet)
+    (line,) = report.summary(_results_of(no_peers))
+    assert "lstm/scan" in line and "no peers timed" in line and "the LSTM's matmuls alone" in line
+    gru = bench.run_benchmark(tiny(cell="gru", methods="scan", peers="flax_lstm", modes="forward"), log=quiet)
+    (line,) = report.summary(_results_of(gru))
+    assert "gru/scan" in line and "time of the LSTM peers / this time (not the same work): flax_lstm" in line
+
+
+def test_the_lstm_matmul_floor_is_left_out_when_no_lstm_is_timed():
+    payload = bench.run_benchmark(tiny(cell="min_gru", methods="scan", peers="", modes="forward"), log=quiet)
+    assert not records(payload, target="floor/lstm_matmuls")
+    with_extra = bench.run_benchmark(tiny(cell="min_gru", extra="lstmp", methods="scan", peers="", modes="forward"),
+                                     log=quiet)
+    assert records(with_extra, target="floor/lstm_matmuls")
+
+
 def test_parsing_and_validation():
     assert MethodSpec.parse("scan:unroll=4,hoist=0").kwargs == {"unroll": 4, "hoist": False}
     assert str(MethodSpec.parse("scan:unroll=4,hoist=0")) == "scan:unroll=4,hoist=0"

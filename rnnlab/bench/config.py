@@ -138,7 +138,8 @@ class BenchConfig:
       peak_matmul_size: `N` of the `N x N` float32 matmul timed as the peak reference.
       peak_bandwidth_mib: MiB per vector of the `a*x+y` timed as the memory-bandwidth
         reference (0: not timed).
-      matmul_floor: also time `floor/lstm_matmuls`, only the matmuls of an LSTM of
+      matmul_floor: when an LSTM is timed (a workload or a peer), also time
+        `floor/lstm_matmuls`, only the matmuls of an LSTM of
         each shape, chained as the recurrence chains them: the least any LSTM
         compiled for this backend spends on them (rnnlab's, Flax's, Haiku's).
       seed: seeds parameters and data.

@@ -67,18 +67,19 @@ def summary(results: list[Result]) -> list[str]:
              and r.note == "reference"),
             None,
         )
-        if reference is not None and not reference.time_ms:
-            reference = None
-        peers = [r for r in rows if r.kind == "peer" and r.time_ms]
-        if reference is None or not peers:
+        if reference is None or not reference.time_ms:
             continue
+        peers = [r for r in rows if r.kind == "peer" and r.time_ms]
         ratios = ", ".join(f"{p.target.split('/')[1]} {p.time_ms.median / reference.time_ms.median:.2f}x" for p in peers)
+        if not peers:
+            versus = "no peers timed"
+        elif reference.target.split("/")[0] == "lstm":
+            versus = f"speed vs peers (peer time / rnnlab time): {ratios}"
+        else:  # the peers run a plain LSTM, not the swept workload
+            versus = f"time of the LSTM peers / this time (not the same work): {ratios}"
         floor = next((r for r in rows if r.kind == "floor" and r.time_ms), None)
         floor_text = f"; the LSTM's matmuls alone {_ms(floor.time_ms.median)} ms" if floor else ""
-        lines.append(
-            f"{rows[0].shape} {mode}: {reference.target} {_ms(reference.time_ms.median)} ms; "
-            f"speed vs peers (peer time / rnnlab time): {ratios}{floor_text}"
-        )
+        lines.append(f"{rows[0].shape} {mode}: {reference.target} {_ms(reference.time_ms.median)} ms; {versus}{floor_text}")
     return lines
 
 

@@ -209,7 +209,7 @@ def run_shapes(
             bandwidth = Result(BANDWIDTH_TARGET, "peak", f"a*x+y, 3 x {config.peak_bandwidth_mib} MiB float32",
                                config.mode_list[0], shape, bytes_moved=moved)
             run.add(bandwidth, lambda: bandwidth_program, None)
-        if config.matmul_floor:
+        if config.matmul_floor and _times_an_lstm(config):
             _add_floor(run)
         reference = _add_rnnlab(run, config.workload, config.method_specs, static_history)
         for workload in config.extra_workloads:
@@ -312,6 +312,13 @@ def _static_probe(run: _ShapeRun, cell: RNNCell, workload: Workload, method: Met
         return workloads.build_program(cell, workload, method, mode, params, data).compile_s
     except Exception:  # the build at the real length reports the error
         return None
+
+
+def _times_an_lstm(config: BenchConfig) -> bool:
+    """Whether an LSTM is on the table (a workload or a peer), so that the LSTM's
+    matmul floor means something."""
+    workloads_timed = [config.workload, *config.extra_workloads]
+    return bool(config.peer_list) or any(workloads.CELLS[w.cell][0] == "lstm" for w in workloads_timed)
 
 
 def _add_floor(run: _ShapeRun) -> None:
