@@ -212,6 +212,14 @@ def check_overrides(overrides: Mapping[str, Any], workdir: str, keep: Sequence[s
             )
 
 
+def check_non_negative_int(config: ml_collections.ConfigDict, name: str, meaning: str = "") -> None:
+    """Raises a one-line `ValueError` unless `config[name]` is an integer >= 0;
+    `meaning` (e.g. " (0: all)") says what 0 does."""
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config.{name} must be an integer >= 0{meaning}, got {value!r}.")
+
+
 def split_list(value: str, name: str) -> list[str]:
     """Splits a comma-separated config value such as "lstm,gru" into its items."""
     items = [item.strip() for item in str(value).split(",")]

@@ -104,13 +104,6 @@ def _bilstm_config() -> ml_collections.ConfigDict:
     return config
 
 
-def check_non_negative_int(config: ml_collections.ConfigDict, name: str, meaning: str = "") -> None:
-    """Raises a one-line `ValueError` unless `config[name]` is an integer >= 0."""
-    value = config[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"config.{name} must be an integer >= 0{meaning}, got {value!r}.")
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises a one-line `ValueError` naming a field of `config` out of range; `run`
     calls it before it reads data or writes to the workdir. (`cells` and `num_units`
@@ -122,8 +115,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 < config.dropout_keep <= 1.0:  # NaN fails too
         raise ValueError(f"config.dropout_keep must be a keep probability in (0, 1] (1.0: no dropout), "
                          f"got {config.dropout_keep!r}.")
-    check_non_negative_int(config, "augment_shift", " (0: no shifts)")
-    check_non_negative_int(config, "reading_digits", " (0: no figure)")
+    common.check_non_negative_int(config, "augment_shift", " (0: no shifts)")
+    common.check_non_negative_int(config, "reading_digits", " (0: no figure)")
 
 
 def make_cell(kind: str, num_units: int) -> RNNCell:

@@ -140,9 +140,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          f"{config.cell!r}, got {config.unroll_method!r}.")
     for name in ("num_units", "pixel_stride"):
         check_positive_int(config[name], f"config.{name}")
-    mnist.check_non_negative_int(config, "augment_shift", " (0: no shifts)")
-    mnist.check_non_negative_int(config, "permutation_seed")
-    mnist.check_non_negative_int(config, "num_test_examples", " (0: all)")
+    common.check_non_negative_int(config, "augment_shift", " (0: no shifts)")
+    common.check_non_negative_int(config, "permutation_seed")
+    common.check_non_negative_int(config, "num_test_examples", " (0: all)")
     if not linear:
         return
     missing = [name for name in LINEAR_FIELDS if name not in config]
