@@ -272,8 +272,12 @@ def test_parsing_and_validation():
         BenchConfig.from_dict({"cells": "lstm"})
     assert runner.predict_static_compile([(10, 1.0), (20, 4.0)], 40) == pytest.approx(16.0)
     assert runner.predict_static_compile([(10, 1.0)], 30) == pytest.approx(3.0)
+    # growth exponents are clamped to [STATIC_MIN_EXPONENT, STATIC_MAX_EXPONENT] = [1, 3]
+    assert runner.predict_static_compile([(10, 1.0), (20, 64.0)], 40) == pytest.approx(64.0 * 2**3)  # 6 -> 3
+    assert runner.predict_static_compile([(10, 1.0), (40, 2.0)], 80) == pytest.approx(4.0)  # 0.5 -> 1
     stats = bench.Stats.of([0.001, 0.002, 0.003])
     assert (stats.median, stats.min, stats.max, stats.count) == (2.0, 1.0, 3.0, 3)
+    assert (stats.q25, stats.q75) == pytest.approx((1.5, 2.5))
 
 
 def test_experiment_runs_from_its_config(tmp_path, capsys):
@@ -312,6 +316,61 @@ def test_train_flops_count_no_gradient_for_the_input():
         assert workloads.workload_flops(Workload(name), params, shape, "train") == per_weight * (
             3 * forward_weights + 2 * input_kernels
         )
+
+
+def test_bidirectional_flops_count_both_directions():
+    b, t, i, h = 2, 3, 5, 4
+    shape, workload = Shape(b, t, i, h), Workload("lstm", ("bidirectional",))
+    params = workloads.init_classifier(workload, workloads.make_cell("lstm", h), shape, 10, 0)["rnn"]
+    # each direction as one LSTM: 2·B·T·(I + H)·4H forward, 2·B·T·(2·I + 3·H)·4H a train step
+    assert workloads.workload_flops(workload, params, shape, "forward") == 2 * (2 * b * t * (i + h) * 4 * h)
+    assert workloads.workload_flops(workload, params, shape, "train") == 2 * (2 * b * t * (2 * i + 3 * h) * 4 * h)
+
+
+def test_output_check_scales_rtol_by_the_reference_and_adds_atol():
+    reference = {"x": np.array([1000.0, 0.0])}
+
+    def passes(x):
+        return runner.compare({"x": np.array(x)}, reference, "ref", rtol=1e-4, atol=1e-5)["passed"]
+
+    assert passes([1000.05, 5e-6])  # |diff| <= atol + rtol·|reference| = 1e-5 + 0.1
+    assert not passes([1000.2, 0.0])
+    assert not passes([1000.0, 5e-5])  # above atol where the reference is 0
+
+
+def test_output_check_with_nothing_to_compare_does_not_pass():
+    check = runner.compare({"loss": np.zeros(())}, {"outputs": np.zeros(2)}, "ref", rtol=1e-4, atol=1e-5)
+    assert check["compared"] == [] and not check["passed"]
+
+
+def timed(target: str, kind: str, median: float, best: float | None = None, flops: float | None = None,
+          note: str = "") -> runner.Result:
+    """A forward `runner.Result` at the TINY shape, `median` ms a call (`best`: its fastest)."""
+    time_ms = bench.Stats(median=median, min=median if best is None else best, max=median, q25=median, q75=median,
+                          count=1)
+    return runner.Result(target, kind, target, "forward", Shape(2, 3, 3, 4), time_ms=time_ms, flops=flops, note=note)
+
+
+def test_gflops_take_the_peaks_best_call_and_speedups_are_peer_time_over_ours():
+    peak = timed("peak/matmul", "peak", 4.0, best=2.0, flops=2e9)
+    ours = timed("lstm/scan", "rnnlab", 1.0, flops=1e8)
+    peers = [timed("peer/flax_lstm", "peer", 3.0), timed("peer/torch_lstm", "peer", 2.0)]
+    runner._derive([peak, ours, *peers], peak)
+    assert peak.gflops == pytest.approx(1000.0)  # 2e9 FLOPs in its best call's 2 ms
+    assert ours.gflops == pytest.approx(100.0) and ours.fraction_of_peak == pytest.approx(0.1)
+    assert ours.speedup_vs_best_peer == pytest.approx(2.0)  # the fastest peer's 2 ms over our 1 ms
+
+
+def test_the_summary_ratio_is_peer_time_over_rnnlab_time():
+    rows = [timed("lstm/scan", "rnnlab", 1.0, note="reference"), timed("peer/flax_lstm", "peer", 2.5)]
+    (line,) = report.summary(rows)
+    assert "flax_lstm 2.50x" in line
+
+
+def test_benchmark_lengths_lie_in_ceil_half_t_to_t():
+    for seq_len in (3, 5, 28):
+        lengths = workloads.make_data(Shape(4000, seq_len, 1, 1), 10, 0).lengths
+        assert (lengths.min(), lengths.max()) == (-(-seq_len // 2), seq_len)
 
 
 def test_times_keep_the_decimals_their_size_needs():

@@ -119,6 +119,21 @@ def test_every_cell_type_gives_finite_loss_and_gradients_with_dropout(corpus, ce
     assert jax.tree.structure(carry) == jax.tree.structure(model.init_carry(2))
 
 
+def test_training_with_dropout_starts_each_window_from_the_carried_state(corpus):
+    """With dropout on (an rng given), as without: another carry gives other logits,
+    the same carry and key the same ones."""
+    _, vocab = corpus
+    model, params = model_and_params(corpus, cell="gru", dropout_keep=0.8)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, vocab.size, (3, 5)), jnp.int32)
+    rng = jax.random.PRNGKey(1)
+    zero = model.init_carry(3)
+    other = jax.tree.map(lambda leaf: leaf + 0.5, zero)
+    from_zero, _ = model.apply(params, zero, ids, rng)
+    from_other, _ = model.apply(params, other, ids, rng)
+    np.testing.assert_array_equal(model.apply(params, other, ids, rng)[0], from_other)
+    assert np.abs(np.asarray(from_zero) - np.asarray(from_other)).max() > 1e-3
+
+
 def test_unknown_cell_type_raises():
     with pytest.raises(ValueError, match="unknown cell type 'transformer'"):
         char_lm.make_cell("transformer", 8)

@@ -295,6 +295,8 @@ def test_vocabulary_errors():
         vocab.encode("abxcZ")
     with pytest.raises(ValueError, match="outside 0..2"):
         vocab.decode([0, 3])
+    with pytest.raises(ValueError, match="outside 0..2"):
+        vocab.decode([0, -1])  # not chars[-1], Python's last character
     with pytest.raises(ValueError, match="1-D"):
         vocab.decode([[0]])
     with pytest.raises(ValueError, match="unique"):

@@ -152,6 +152,16 @@ def test_a_run_from_before_the_experiment_record_is_checked_by_its_fields(tmp_pa
         common.check_trained_by(str(tmp_path), "char_lm", registry.get("char_lm").get_config())
 
 
+def test_an_override_of_a_list_field_must_have_the_trained_length(tmp_path):
+    from experiments import common
+
+    (tmp_path / "config.json").write_text(json.dumps({"sizes": [8, 8, 8], "rate": 0.5}))
+    common.check_overrides({"sizes": (8, 8, 8), "rate": 0.5}, str(tmp_path), (), "--resume")  # the trained values
+    for sizes in ((8, 8), (8, 8, 8, 8)):  # equal as far as zip() reads them
+        with pytest.raises(ValueError, match=r"--config\.sizes=.* differs"):
+            common.check_overrides({"sizes": sizes}, str(tmp_path), (), "--resume")
+
+
 def test_os_errors_are_worded_by_kind():
     import launch
 

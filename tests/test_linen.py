@@ -77,6 +77,17 @@ def test_bidirectional_module_equals_rnnlab_bidirectional() -> None:
     assert_trees_equal(finals, expected_finals)
 
 
+def test_bidirectional_module_passes_time_major() -> None:
+    cell_fw, cell_bw = lstm(4), gru(3)
+    module = Bidirectional(cell_fw, cell_bw, time_major=True)
+    xs = jnp.swapaxes(inputs(), 0, 1)
+    variables = module.init(jax.random.PRNGKey(1), xs)
+    outputs = module.apply(variables, xs)
+    expected, _ = rnnlab.bidirectional(cell_fw, cell_bw, variables["params"], xs, time_major=True)
+    assert outputs.shape == (T, B, 4 + 3)
+    np.testing.assert_array_equal(outputs, expected)
+
+
 def test_dropout_rng_comes_from_the_flax_dropout_stream_only_when_not_deterministic() -> None:
     cell = rnnlab.dropout(lstm(8), input_keep=0.7, output_keep=0.7)
     module = RNN(cell)
@@ -192,6 +203,24 @@ def test_a_given_initial_state_brings_its_own_dropout_keys_in_training() -> None
     )
     expected, _ = rnnlab.bidirectional(cell, cell, params, inputs(3), initial_states=(given, given))
     np.testing.assert_array_equal(outputs, expected)
+
+
+def test_bidirectional_module_draws_a_state_for_the_direction_given_none() -> None:
+    # initial_states=(given, None) in training: the backward direction's initial state,
+    # and with it its dropout keys, comes from the "dropout" stream.
+    cell = rnnlab.dropout(gru(6), output_keep=0.5)
+    module = Bidirectional(cell, cell, merge="none")
+    variables = module.init(jax.random.PRNGKey(1), inputs(), deterministic=True)
+    given = rnnlab.batched_initial_state(cell, variables["params"]["fw"], B, jax.random.PRNGKey(4))
+
+    def train(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        outputs = module.apply(variables, inputs(3), initial_states=(given, None), deterministic=False,
+                               rngs={"dropout": jax.random.PRNGKey(seed)})
+        return tuple(np.asarray(o) for o in outputs)
+
+    (fw_5, bw_5), (fw_6, bw_6) = train(5), train(6)
+    np.testing.assert_array_equal(fw_5, fw_6)  # the given state's own keys
+    assert not np.array_equal(bw_5 == 0.0, bw_6 == 0.0)  # masks drawn from the stream
 
 
 def test_a_given_state_follows_deterministic_too() -> None:

@@ -8,11 +8,13 @@ import shutil
 
 import jax
 import numpy as np
+import numpy_reference as ref
 import pytest
+from matplotlib.colors import to_hex
 
 from data_fixtures import write_mnist_idx
 from experiments import mnist, registry
-from rnnlab import train
+from rnnlab import plots, train
 
 MNIST_EXPERIMENTS = sorted(mnist.EXPERIMENTS)
 RESULT_KEYS = {"steps", "planned_steps", "epochs", "train_seconds", "num_params", "stop_reason", "devices", "test_loss", "test_accuracy"}
@@ -31,6 +33,21 @@ def data_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("data")
     write_mnist_idx(str(directory), num_train=64, num_test=20)
     return str(directory)
+
+
+def perturbed(params):
+    """`params` with every leaf moved off its initial value (the zero biases too)."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+    return jax.tree.unflatten(treedef, [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+
+
+def numpy_lstm_output(params, xs):
+    """The float64 NumPy LSTM's output after reading `xs: [T, I]` from a zero state."""
+    params = ref.to_float64(params)
+    zero = np.zeros(params["w_h"].shape[0])
+    _, outputs = ref.run(ref.lstm_step, params, (zero, zero), xs)
+    return outputs[-1]
 
 
 def test_all_mnist_experiments_are_registered():
@@ -83,6 +100,48 @@ def test_reading_after_the_last_row_is_the_prediction(bidirectional, data_dir):
     assert probabilities.shape == (3, 28, 10)
     full = jax.nn.softmax(model.logits(params, images))
     np.testing.assert_allclose(probabilities[:, -1], full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_logits_are_those_of_a_numpy_lstm_reading_one_row_per_step(bidirectional):
+    """Step t reads image row t (28 pixels in [0, 1]); the classifier reads the forward
+    LSTM's output after row 27 and, when bidirectional, the backward LSTM's after it has
+    read rows 27 down to 0."""
+    model = mnist.build_model(tiny(mnist.get_config("lstm", bidirectional=bidirectional)))
+    params = perturbed(model.init(jax.random.PRNGKey(0)))
+    images = np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    logits = np.asarray(model.logits(params, images))
+    head = ref.to_float64(params["classifier"])
+    for b, image in enumerate(images):
+        rows = image / 255.0
+        if bidirectional:
+            (layer,) = params["rnn"]
+            forward, backward = numpy_lstm_output(layer["fw"], rows), numpy_lstm_output(layer["bw"], rows[::-1])
+            features = np.concatenate([forward, backward])
+        else:
+            features = numpy_lstm_output(params["rnn"], rows)
+        np.testing.assert_allclose(logits[b], features @ head["w"] + head["b"], rtol=1e-4, atol=1e-5)
+
+
+def test_reading_figure_colours_the_true_class_green_also_when_it_is_predicted(tmp_path, monkeypatch):
+    """Each panel's bars: the true class green, another arg-max orange, the rest blue."""
+    figures, close = [], plots.plt.close
+
+    def keep_and_close(figure):
+        figures.append(figure)
+        close(figure)
+
+    monkeypatch.setattr(plots.plt, "close", keep_and_close)
+    probabilities = np.full((1, 2, 10), 0.05)
+    probabilities[0, 0, 3] = 0.55  # after row 1 the true class 3 is the arg-max
+    probabilities[0, 1, 7] = 0.55  # after row 2 class 7 is
+    plots.plot_reading(np.zeros((1, 28, 28)), np.array([3]), probabilities, str(tmp_path / "reading.png"))
+    (figure,) = figures
+    names = {to_hex(name): name.removeprefix("tab:") for name in ("tab:blue", "tab:green", "tab:orange")}
+    _, row_1, row_2 = figure.axes  # the image, then one bar chart per row read
+    colours = [[names[to_hex(bar.get_facecolor())] for bar in axis.patches] for axis in (row_1, row_2)]
+    assert colours[0] == ["blue"] * 3 + ["green"] + ["blue"] * 6
+    assert colours[1] == ["blue"] * 3 + ["green"] + ["blue"] * 3 + ["orange"] + ["blue"] * 2
 
 
 def test_shift_images_moves_pixels_and_pads_with_zeros():

@@ -8,6 +8,7 @@ import re
 
 import jax
 import numpy as np
+import numpy_reference as ref
 import pytest
 
 from data_fixtures import write_mnist_idx
@@ -32,6 +33,18 @@ def data_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("data")
     write_mnist_idx(str(directory), num_train=32, num_test=20)
     return str(directory)
+
+
+def perturbed(params):
+    """`params` with every leaf moved off its initial value (zero biases, LayerNorm gains of one)."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+    return jax.tree.unflatten(treedef, [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+
+
+def gelu(v):
+    """`jax.nn.gelu`'s default, the tanh approximation."""
+    return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
 
 
 def test_pixel_experiments_are_registered():
@@ -103,6 +116,44 @@ def test_associative_and_scan_unroll_give_the_same_loss(cell, data_dir):
         params = task.init_params(jax.random.PRNGKey(0))
         losses[method] = float(jax.jit(lambda p, b: task.loss(p, None, b, None)[0])(params, batch))
     assert losses["associative"] == pytest.approx(losses["scan"], rel=1e-5)
+
+
+def test_linear_stack_matches_a_numpy_reference():
+    """encoder -> 2 x [x + GLU(GELU(minGRU(LayerNorm(x))))] -> mean over time -> classifier,
+    in float64 NumPy from the equations."""
+    config = tiny(pixel_mnist.get_config("min_gru", permuted=True), num_layers=2)
+    model = pixel_mnist.build_model(config)
+    params = perturbed(model.init(jax.random.PRNGKey(0)))
+    images = np.random.default_rng(1).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    logits = np.asarray(model.logits(params, images))
+
+    p = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), params)
+    width = config.num_units
+    order = np.random.default_rng(config.permutation_seed).permutation(784)[::49]
+    x = (images.reshape(3, 784)[:, order] / 255.0)[..., None] @ p["encoder"]["w"] + p["encoder"]["b"]  # [B, T, H]
+    for block in p["blocks"]:
+        normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + ref.LAYER_NORM_EPSILON)
+        normed = normed * block["norm"]["scale"] + block["norm"]["bias"]
+        z = normed @ block["cell"]["w_x"] + block["cell"]["b"]
+        k, candidate = z[..., :width], z[..., width:]
+        # minGRU: h_t = a_t h_{t-1} + b_t with a = σ(-k), b = σ(k)·g(candidate)
+        a = ref.sigmoid(-k)
+        b = ref.sigmoid(k) * np.where(candidate >= 0, candidate + 0.5, ref.sigmoid(candidate))
+        h, ys = np.zeros((3, width)), []
+        for t in range(x.shape[1]):
+            h = a[:, t] * h + b[:, t]
+            ys.append(h)
+        y = gelu(np.stack(ys, 1))
+        value = y @ block["glu_value"]["w"] + block["glu_value"]["b"]
+        x = x + value * ref.sigmoid(y @ block["glu_gate"]["w"] + block["glu_gate"]["b"])
+    expected = x.mean(1) @ p["classifier"]["w"] + p["classifier"]["b"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_block_dropout_is_inverted_dropout():
+    dropped = np.asarray(pixel_mnist._dropout(jax.random.PRNGKey(0), 0.25, np.ones(50_000, np.float32)))
+    np.testing.assert_allclose(np.unique(dropped), [0.0, 1 / 0.75], rtol=1e-6)
+    assert dropped.mean() == pytest.approx(1.0, abs=0.02)  # the expectation is kept
 
 
 def test_recurrent_params_are_stored_scaled():

@@ -7,7 +7,9 @@ import math
 import os
 import re
 
+import jax
 import numpy as np
+import numpy_reference as ref
 import pytest
 
 from experiments import sine
@@ -77,6 +79,13 @@ def tiny_config(**overrides):
     return config
 
 
+def perturbed(params):
+    """`params` with every leaf moved off its initial value (the zero biases too)."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+    return jax.tree.unflatten(treedef, [leaf + 0.3 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("sine"))
@@ -124,6 +133,18 @@ def test_series_fields_reach_the_generator():
         sine.make_splits(tiny_config(frequencies="0.2,fast"))
     with pytest.raises(ValueError, match="config.frequencies must list at least one frequency.*got ''"):
         sine.make_splits(tiny_config(frequencies=""))
+
+
+def test_prediction_is_the_dense_layer_on_the_lstm_output_after_the_last_value():
+    """Against the float64 NumPy LSTM of `numpy_reference`."""
+    config = tiny_config()
+    model = sine.build_model(config)
+    params = perturbed(model.init(jax.random.PRNGKey(0)))
+    windows = np.random.default_rng(0).normal(size=(3, config.window, 1)).astype(np.float32)
+    lstm, out = ref.to_float64(params["lstm"]), ref.to_float64(params["out"])
+    zero = np.zeros(config.num_units)
+    expected = [ref.run(ref.lstm_step, lstm, (zero, zero), window)[1][-1] @ out["w"] + out["b"] for window in windows]
+    np.testing.assert_allclose(model.predict(params, windows), np.concatenate(expected), rtol=1e-4, atol=1e-5)
 
 
 def test_only_process_0_writes_files(tmp_path, monkeypatch):

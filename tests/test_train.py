@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import warnings
@@ -16,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tensorboardX.proto import event_pb2
 
 from rnnlab import train
 from rnnlab.checkpoint import CheckpointError
-from rnnlab.metrics import read_metrics
+from rnnlab.metrics import MetricWriter, read_metrics
 
 FEATURES, CLASSES = 5, 3
 RESULT_KEYS = {"steps", "planned_steps", "epochs", "train_seconds", "num_params", "stop_reason", "devices"}
@@ -173,6 +176,22 @@ def test_schedule_matches_optax_and_the_step_is_adam():
     np.testing.assert_allclose(-0.01 * direction["w"], expected["w"], rtol=1e-6)
 
 
+def test_adam_steps_follow_global_norm_clipping():
+    """Two steps by hand: the first gradient (norm 50) is scaled to norm 1 before Adam,
+    which changes the direction of the second step too."""
+    c = config(optimizer="adam", grad_clip_norm=1.0)
+    optimizer = train.make_optimizer(c)
+    params = {"w": jnp.zeros(2)}
+    state = optimizer.init(params)
+    m, v = np.zeros(2), np.zeros(2)
+    for t, g in enumerate([np.array([30.0, 40.0]), np.array([0.3, -0.1])], start=1):
+        direction, state = optimizer.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        g = g * min(1.0, 1.0 / np.linalg.norm(g))
+        m, v = c.b1 * m + (1 - c.b1) * g, c.b2 * v + (1 - c.b2) * g * g
+        expected = (m / (1 - c.b1**t)) / (np.sqrt(v / (1 - c.b2**t)) + 1e-8)
+        np.testing.assert_allclose(direction["w"], expected, rtol=1e-4)
+
+
 def test_every_step_draws_its_own_randomness(tmp_path):
     """The `rng` a task's loss gets differs at every step (new dropout masks)."""
 
@@ -312,6 +331,39 @@ def test_resuming_a_finished_run_or_a_cut_log_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl line 3 is not a metrics record"):
         train.train(softmax_regression(), config(num_steps=8), workdir, data, test, resume=True)
+
+
+def tensorboard_scalars(workdir: str, tag: str) -> dict[int, float]:
+    """`{step: value}` of `tag` as TensorBoard shows it: the event files read in name
+    order, a SessionLog START at step s dropping the values read before it at steps >= s."""
+    scalars: dict[int, float] = {}
+    for name in sorted(name for name in os.listdir(workdir) if name.startswith("events.out.tfevents")):
+        data, i = (Path(workdir) / name).read_bytes(), 0
+        while i < len(data):  # records: the length (uint64), its CRC, the event, its CRC
+            (length,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
+            i += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                scalars = {step: value for step, value in scalars.items() if step < event.step}
+            scalars.update({event.step: value.simple_value for value in event.summary.value if value.tag == tag})
+    return scalars
+
+
+def test_a_resumed_tensorboard_log_keeps_the_resume_step_and_drops_later_ones(tmp_path, monkeypatch):
+    writer = MetricWriter(str(tmp_path))
+    for step in range(1, 6):
+        writer.write(step, "train", {"loss": float(step)})
+    writer.close()
+    # Event files are named by the second and the host: resumed on another host, the
+    # run gets a second file without waiting for the next second.
+    host = socket.gethostname()
+    monkeypatch.setattr(socket, "gethostname", lambda: host + "-resumed")
+    writer = MetricWriter(str(tmp_path), resume_step=3)
+    for step in (4, 5):
+        writer.write(step, "train", {"loss": 10.0 * step})
+    writer.close()
+    assert len([name for name in os.listdir(tmp_path) if name.startswith("events.out.tfevents")]) == 2
+    assert tensorboard_scalars(str(tmp_path), "train/loss") == {1: 1.0, 2: 2.0, 3: 3.0, 4: 40.0, 5: 50.0}
 
 
 class FakeClock:

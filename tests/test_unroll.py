@@ -605,6 +605,18 @@ def test_check_grads_of_tiny_unroll_in_float64() -> None:
         check_grads(loss, (params, xs), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["scan", "static"])
+def test_remat_checkpoints_the_step(method: str) -> None:
+    cell, params, xs, _ = case("gru")
+
+    def jaxpr(remat: bool) -> str:
+        unrolled = lambda p: rnnlab.unroll(cell, p, xs, method=method, remat=remat, fused=False)
+        return str(jax.make_jaxpr(unrolled)(params))
+
+    assert "remat" in jaxpr(True) or "checkpoint" in jaxpr(True)
+    assert "remat" not in jaxpr(False) and "checkpoint" not in jaxpr(False)
+
+
 # --------------------------------------------------------------------------------------
 # Errors.
 # --------------------------------------------------------------------------------------

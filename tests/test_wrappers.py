@@ -194,6 +194,15 @@ def test_bidirectional_directions_draw_independent_masks(same_object: bool, monk
     assert not np.array_equal(_zero_patterns(fw), np.flip(_zero_patterns(bw), axis=1))
 
 
+def test_stacked_bidirectional_layers_draw_their_own_dropout_keys() -> None:
+    """Every layer and direction gets its own key: the keys of the final states differ."""
+    cell = rnnlab.dropout(gru(4), output_keep=0.5)
+    params = rnnlab.init_stacked_bidirectional([cell, cell], [cell, cell], KEY, I)
+    _, (finals_fw, finals_bw) = rnnlab.stacked_bidirectional([cell, cell], [cell, cell], params, inputs(),
+                                                             rng=jax.random.PRNGKey(1), method="static")
+    assert len({np.asarray(final.key).tobytes() for final in finals_fw + finals_bw}) == 4
+
+
 def test_hoisted_unroll_applies_input_dropout() -> None:
     """With input dropout the input projection is not hoisted (it would skip the
     masks): `hoist=True` gives the per-example loop's numbers."""
