@@ -228,8 +228,10 @@ def run(argv: Optional[list[str]] = None) -> None:
     name = experiment_from_argv(argv)
     if "--list" not in argv and name not in registry.names():
         fail(f"unknown experiment {name!r}; known experiments: {', '.join(registry.names())} (see --list)")
-    config = registry.get(name if name in registry.names() else DEFAULT_EXPERIMENT).get_config()
-    config.experiment = name  # recorded in config.json, so that eval and resume can check it
+    experiment = registry.get(name if name in registry.names() else DEFAULT_EXPERIMENT)
+    config = experiment.get_config()
+    if experiment.resumable or set(experiment.modes) != {"train"}:
+        config.experiment = name  # recorded in config.json, so that eval and resume can check it
     check_config_overrides(argv, config, name)
     try:  # config_flags applies the --config.* overrides of sys.argv here
         config_flags.DEFINE_config_dict("config", config, "The experiment's config; override fields with --config.FIELD=VALUE.",

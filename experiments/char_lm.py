@@ -443,7 +443,7 @@ def _train(config, workdir, resume, data_dir, tfds_data_dir) -> dict[str, Any]:
                          "which the run was trained on; resume it with the same data.")
     # vocab.json is written by train.train after its workdir checks: a refused run keeps the old one.
     result = train.train(task, config, workdir, train_data, eval_data, resume=resume,
-                         files={VOCAB_FILE: vocab.to_json()})
+                         may_change=common.RESUME_FIELDS, files={VOCAB_FILE: vocab.to_json()})
     if result.results["stop_reason"] in ("done", "time_budget"):
         texts = generate(model, result.state.params, vocab, config.sample)  # every process: params may span them
         if distributed.is_main_process():  # with several processes, only process 0 writes files

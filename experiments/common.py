@@ -105,14 +105,14 @@ def read_trained_config(workdir: str) -> dict[str, Any]:
 def check_trained_by(workdir: str, experiment: str, config: ml_collections.ConfigDict) -> None:
     """Refuses (one-line `ValueError`) a workdir whose run was trained by another
     experiment: its `config.json` records another `experiment`, or (runs from before
-    that field) holds top-level fields that `config`, the experiment's own, lacks."""
+    that field) lacks top-level fields of `config`, the experiment's own."""
     trained = read_trained_config(workdir)
     recorded = trained.get("experiment")
-    if recorded is None:
-        foreign = sorted(set(trained) - set(config.keys()))
-        if not foreign:
+    if recorded is None:  # fields the run lacks; extra ones may be fields an experiment has dropped since
+        lacking = sorted(set(config.keys()) - set(trained) - {"experiment"})
+        if not lacking:
             return
-        why = f"its {CONFIG_FILE} has fields that {experiment!r} lacks ({', '.join(foreign[:4])})"
+        why = f"its {CONFIG_FILE} lacks fields of {experiment!r} ({', '.join(lacking[:4])})"
     elif recorded != experiment:
         why = f"it holds a run of --experiment={recorded}"
     else:
@@ -135,7 +135,7 @@ def trained_config(config: ml_collections.ConfigDict, workdir: str, keep: Sequen
     def assign(node: ml_collections.ConfigDict, values: Mapping[str, Any], prefix: str) -> None:
         for key, value in values.items():
             path = prefix + key
-            if _matches(path, keep):
+            if _matches(path, keep) or key not in node:  # kept, or a field the experiment no longer has
                 continue
             if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
                 assign(node[key], value, path + ".")

@@ -297,7 +297,8 @@ def run(
     test = load_split("test", data_dir, tfds_data_dir)
     if mode == "train":
         train_data = load_split("train", data_dir, tfds_data_dir)
-        result = train.train(task, config, workdir, train_data, {"test": test}, resume=resume)
+        result = train.train(task, config, workdir, train_data, {"test": test}, resume=resume,
+                             may_change=common.RESUME_FIELDS)
         if result.results["stop_reason"] in ("done", "time_budget"):
             write_plots(workdir, model, result.state.params, test, config.reading_digits)
         return result.results

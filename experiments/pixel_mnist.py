@@ -51,7 +51,7 @@ CELL_TYPES = ("lstm", "lru", "min_gru")
 RECURRENT_KEYS = ("nu_log", "theta_log", "gamma_log")
 LINEAR_FIELDS = ("state_size", "num_layers", "r_min", "r_max", "max_phase", "recurrent_lr_factor", "dropout")
 """The config fields of the linear stack only; the LSTM's configs lack them."""
-UNROLL_METHODS = {"lstm": ("scan", "static"), "linear": ("auto", "associative", "scan", "static")}
+UNROLL_METHODS = {"lstm": ("auto", "scan", "static"), "linear": ("auto", "associative", "scan", "static")}
 
 
 def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.ConfigDict:
@@ -64,8 +64,9 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
         directions (zero padded) before reading its pixels; 0 disables.
       unroll_method: the linear stack: "auto" (the default: associative on
         accelerators, scan on CPU), "associative", "scan" or "static"; the LSTM:
-        "scan" (its default) or "static". "static" is a Python loop of one graph node
-        per step: a 784-step static unroll compiles for minutes.
+        "scan" (its default; "auto" means "scan" too) or "static". "static" is a
+        Python loop of one graph node per step: a 784-step static unroll compiles for
+        minutes.
     Fields of the linear stack only (`LINEAR_FIELDS`; the LSTM's config lacks them):
       state_size: `N`, the LRU's complex state size.
       num_layers: residual blocks (the LSTM has one layer).
@@ -304,9 +305,11 @@ def permutation_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _unroll_method(config: ml_collections.ConfigDict) -> str:
-    """Resolves "auto": the associative scan pays off on parallel hardware, not on a CPU."""
+    """Resolves "auto": the associative scan, for the linear stack on parallel hardware
+    (where it pays off); otherwise `lax.scan`."""
     if config.unroll_method == "auto":
-        return "scan" if jax.default_backend() == "cpu" else "associative"
+        linear = config.cell != "lstm"
+        return "associative" if linear and jax.default_backend() != "cpu" else "scan"
     return config.unroll_method
 
 
@@ -339,7 +342,8 @@ def run(
         train_data = mnist.load_split("train", data_dir, tfds_data_dir)
         # permutation.json is written by train.train after its workdir checks: a refused run keeps the old one.
         files = {PERMUTATION_FILE: permutation_record(config)} if config.permuted else None
-        result = train.train(task, config, workdir, train_data, {"test": test}, resume=resume, files=files)
+        result = train.train(task, config, workdir, train_data, {"test": test}, resume=resume,
+                             may_change=common.RESUME_FIELDS, files=files)
         if distributed.is_main_process() and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
             plots.plot_training_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
         return result.results

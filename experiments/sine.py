@@ -222,7 +222,8 @@ def run(
     splits = make_splits(config)
     eval_data = {prefix: windows(splits[split], config.window) for prefix, split in EVAL_SPLITS.items()}
     if mode == "train":
-        result = train.train(task, config, workdir, windows(splits["train"], config.window), eval_data, resume=resume)
+        result = train.train(task, config, workdir, windows(splits["train"], config.window), eval_data, resume=resume,
+                             may_change=common.RESUME_FIELDS)
         params, results = result.state.params, result.results
         if results["stop_reason"] not in ("done", "time_budget"):
             return results

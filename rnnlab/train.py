@@ -67,7 +67,7 @@ import signal
 import sys
 import time
 import warnings
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax
 import jax
@@ -200,16 +200,17 @@ def default_config() -> ml_collections.ConfigDict:
       time_budget_s: wall-clock seconds for the training loop (compilation and
         intermediate evaluations included; the final evaluation comes on top); when
         they run out, training stops and evaluates. 0 means no budget. It covers the
-        whole run: a resumed run gets what is left after the `train_seconds` of its
-        checkpoint (summed over earlier resumes), and with nothing left it trains no
-        step, stops with "time_budget" and evaluates.
+        whole run: a resumed run gets what is left after the seconds its checkpoint
+        counted against it (summed over earlier resumes), and with nothing left it
+        trains no step, stops with "time_budget" and evaluates.
       fit_schedule_to_budget: with a budget, re-plan the schedule's length at every
         log from the measured time per step, so that the decay ends when the budget
         does, never beyond the configured length. The number of steps then depends
         on the machine's speed (the data order and each step's randomness do not).
         A resume continues a schedule so shortened from the checkpoint's length (no
         jump back up the learning rate) and re-plans it against the rest of the
-        budget.
+        budget; after a run that finished its shortened schedule, a resume with more
+        budget starts a new schedule of the configured length, fitted likewise.
       progress_bar: show a tqdm bar (on stderr).
     """
     return ml_collections.ConfigDict(
@@ -555,6 +556,12 @@ def _format(values: Mapping[str, float]) -> str:
     return " ".join(f"{name} {value:.4g}" for name, value in sorted(values.items()))
 
 
+RESUME_FIELDS = ("num_epochs", "num_steps", "time_budget_s", "fit_schedule_to_budget", "log_every_steps",
+                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "progress_bar")
+"""The training fields a resumed run is expected to change: how long it goes on, how
+often it logs, evaluates and saves, and how it evaluates."""
+
+
 def train(
     task: Task,
     config: ml_collections.ConfigDict,
@@ -565,6 +572,7 @@ def train(
     resume: bool = False,
     on_eval: Optional[EvalHook] = None,
     files: Optional[Mapping[str, Any]] = None,
+    may_change: Sequence[str] = RESUME_FIELDS,
 ) -> TrainResult:
     """Trains `task` on `train_data`, evaluating on every split of `eval_data`.
 
@@ -580,8 +588,8 @@ def train(
         optimiser state, schedule, carry, RNG and data order). The schedule's length
         follows the config (a changed num_steps or num_epochs takes effect), except
         where `fit_schedule_to_budget` had shortened it: then it continues from the
-        checkpoint's length. A time budget is that of the whole run, less the training
-        seconds already spent (see `default_config`). Without a budget, a run stopped
+        checkpoint's length. A time budget is that of the whole run, less the
+        seconds already counted against it (see `default_config`). Without a budget, a run stopped
         and resumed is bitwise identical to one left uninterrupted. Raises
         `CheckpointError` when there is none or it cannot be read, before writing
         anything. Without `resume`, a workdir that already holds checkpoints raises
@@ -591,6 +599,9 @@ def train(
       files: `{file_name: value}`, more JSON files for the workdir (e.g. a
         vocabulary), written with `config.json` once the workdir has passed the checks
         above, so that a refused run never overwrites those of the run already there.
+      may_change: with `resume`, the config fields (or subtrees, e.g. "sample") that
+        may differ from the run's `config.json` without a `UserWarning` naming the
+        changes; default `RESUME_FIELDS`, the run's length and intervals.
 
     Returns:
       `TrainResult(state, results)`. `results` (also written to `results.json`) has
@@ -611,10 +622,10 @@ def train(
     mesh = data_mesh()
     plan = _plan(config, train_data, mesh)
     state = _initial_state(task, config, plan.total_steps, mesh)
-    previous_seconds = 0.0
+    spent = _Spent()
     if resume:
         checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints, must_exist=True)
-        state, previous_seconds = _restore_for_resume(checkpointer, state, config, plan)
+        state, spent = _restore_for_resume(checkpointer, state, config, plan)
     else:
         os.makedirs(workdir, exist_ok=True)
         checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -626,7 +637,7 @@ def train(
     main = distributed.is_main_process()  # with several processes, only process 0 writes logs and results
     config_json = json.loads(config.to_json_best_effort())
     if resume:
-        _warn_of_config_changes(os.path.join(workdir, "config.json"), config_json)
+        _warn_of_config_changes(os.path.join(workdir, "config.json"), config_json, may_change)
     if main:
         write_json(os.path.join(workdir, "config.json"), config_json)
         for name, value in (files or {}).items():
@@ -634,41 +645,30 @@ def train(
     writer = metrics_lib.MetricWriter(workdir, resume_step=int(state.step) if resume else None) if main else _NoWriter()
     try:
         loop = _Loop(task, config, workdir, plan, mesh, train_data, eval_data or {}, checkpointer, writer, on_eval)
-        return loop.run(state, previous_seconds)
+        return loop.run(state, spent)
     finally:
         writer.close()
         checkpointer.close()
 
 
-RESUME_FIELDS = ("num_epochs", "num_steps", "time_budget_s", "fit_schedule_to_budget", "log_every_steps",
-                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "progress_bar")
-"""The training fields a resumed run is expected to change: how long it goes on, how
-often it logs, evaluates and saves, and how it evaluates."""
-
-
-def _warn_of_config_changes(path: str, config_json: dict[str, Any]) -> None:
-    """Warns when a resume changes fields outside `RESUME_FIELDS` from the run's
-    `config.json` at `path` (which is then overwritten): the result is a different run
-    from the one the checkpoints began, e.g. one with a new learning rate."""
+def _warn_of_config_changes(path: str, config_json: dict[str, Any], may_change: Sequence[str]) -> None:
+    """Warns when a resume changes fields of the run's `config.json` at `path` (which is
+    then overwritten) outside `may_change` (names, or subtrees such as "sample"): the
+    result is a different run from the one the checkpoints began, e.g. one with a new
+    learning rate. Fields the file lacks (added to a config since) are not compared."""
     try:
         with open(path) as f:
             before = _flat(json.load(f))
     except (OSError, ValueError):
         return  # no readable record of the earlier config: nothing to compare
     after = _flat(config_json)
-
-    def shown(values: dict[str, Any], name: str) -> str:
-        return repr(values[name]) if name in values else "unset"
-
-    changed = [f"{name}: {shown(before, name)} -> {shown(after, name)}"
-               for name in sorted(set(before) | set(after))
-               if name not in RESUME_FIELDS and before.get(name, _UNSET) != after.get(name, _UNSET)]
+    changed = [f"{name}: {before[name]!r} -> {after[name]!r}" if name in after else f"{name}: {before[name]!r} -> unset"
+               for name in sorted(before)
+               if not any(name == field or name.startswith(field + ".") for field in may_change)
+               and (name not in after or after[name] != before[name])]
     if changed and distributed.is_main_process():
         warnings.warn(f"resuming {os.path.dirname(os.path.abspath(path))} with a config that differs from its "
                       f"config.json in {'; '.join(changed)}", stacklevel=3)
-
-
-_UNSET = object()
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -678,25 +678,37 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {name: value for key, child in tree.items() for name, value in _flat(child, f"{prefix}{key}.").items()}
 
 
+class _Spent(NamedTuple):
+    """Seconds a run spent before a resume: training (evaluations excluded, as
+    `train_seconds` reports it) and of the time budget (intermediate evaluations
+    included, as the budget counts them)."""
+
+    train_seconds: float = 0.0
+    budget_seconds: float = 0.0
+
+
 def _checkpoint_meta(config: ml_collections.ConfigDict, plan: _Plan, step: int,
-                     train_seconds: float = 0.0) -> dict[str, Any]:
-    """What identifies the data position of a checkpoint besides its step, the training
-    time spent up to it (a resumed run reports the total and keeps to the rest of the
+                     spent: _Spent = _Spent()) -> dict[str, Any]:
+    """What identifies the data position of a checkpoint besides its step, the time
+    spent up to it (a resumed run reports the total and keeps to the rest of the
     budget), and the configured schedule length (to tell whether a budget shortened it)."""
     return {"step": step, "epoch": step / plan.steps_per_epoch, "batch_size": plan.batch_size,
             "num_rows": plan.num_rows, "seed": config.seed, "shuffle": config.shuffle,
-            "train_seconds": train_seconds, "planned_steps": plan.total_steps}
+            "train_seconds": spent.train_seconds, "budget_seconds": spent.budget_seconds,
+            "time_budget_s": config.time_budget_s, "planned_steps": plan.total_steps}
 
 
 def _restore_for_resume(checkpointer: checkpoint_lib.Checkpointer, state: TrainState,
-                        config: ml_collections.ConfigDict, plan: _Plan) -> tuple[TrainState, float]:
+                        config: ml_collections.ConfigDict, plan: _Plan) -> tuple[TrainState, _Spent]:
     """The newest checkpoint restored into `state`'s structure, checked against the
-    run, and the training seconds spent up to it.
+    run, and the seconds spent up to it.
 
     The schedule's length is the configured one (a changed num_steps or num_epochs takes
-    effect), unless `fit_schedule_to_budget` had shortened it and this run fits it to a
-    budget too: then the shortened schedule goes on (within the configured length), to
-    be re-planned against the rest of the budget."""
+    effect), unless `fit_schedule_to_budget` had shortened it, something other than
+    the budget (a signal) stopped that run, and this run fits it to a budget too: then
+    the shortened schedule goes on (within the configured length), to be re-planned
+    against the rest of the budget. A run that had used up its budget and gets more
+    starts a schedule of the configured length, re-planned likewise."""
     restored, meta = checkpointer.restore(checkpoint_lib.abstract_like(state))
     expected = _checkpoint_meta(config, plan, int(restored.step))
     for key in ("batch_size", "num_rows", "seed", "shuffle"):
@@ -706,12 +718,14 @@ def _restore_for_resume(checkpointer: checkpoint_lib.Checkpointer, state: TrainS
                 f"{key}={meta.get(key)!r}, but this run has {key}={expected[key]!r}; resuming would not "
                 "continue it exactly."
             )
-    total = plan.total_steps
-    shortened = int(restored.total_steps) < meta.get("planned_steps", plan.total_steps)
-    if config.time_budget_s and config.fit_schedule_to_budget and shortened:
-        total = min(int(restored.total_steps), plan.total_steps)
+    total, shortened_total = plan.total_steps, int(restored.total_steps)
+    shortened = "planned_steps" in meta and shortened_total < meta["planned_steps"]  # older checkpoints: not known
+    budget_left = meta.get("budget_seconds", 0.0) < meta.get("time_budget_s", 0.0)
+    if config.time_budget_s and config.fit_schedule_to_budget and shortened and budget_left:
+        total = min(shortened_total, plan.total_steps)
     restored = restored.replace(total_steps=jax.device_put(jnp.int32(total), restored.total_steps.sharding))
-    return restored, float(meta.get("train_seconds", 0.0))
+    train_seconds = float(meta.get("train_seconds", 0.0))
+    return restored, _Spent(train_seconds, float(meta.get("budget_seconds", train_seconds)))
 
 
 def _clock() -> float:
@@ -745,16 +759,16 @@ class _Loop:
         self.eval_seconds = 0.0
         self.last_eval: dict[str, dict[str, float]] = {}
 
-    def run(self, state: TrainState, previous_seconds: float = 0.0) -> TrainResult:
-        """Trains from `state`; `previous_seconds`: training time before it (a resume),
-        taken from the time budget."""
+    def run(self, state: TrainState, spent: _Spent = _Spent()) -> TrainResult:
+        """Trains from `state`; `spent`: the seconds before it (a resume), added to the
+        reported training time and taken from the time budget."""
         config, plan = self.config, self.plan
-        self.previous_seconds = previous_seconds
+        self.spent = spent
         self.state, self.step, self.total = state, int(state.step), int(state.total_steps)
         self.saved_step = self.step if self.checkpointer.latest_step() == self.step else None
         self.started = self.last_flush = _clock()
         self.steady: Optional[tuple[float, int]] = None  # (time, step) after the first log
-        budget_spent = config.time_budget_s > 0 and previous_seconds >= config.time_budget_s
+        budget_spent = config.time_budget_s > 0 and spent.budget_seconds >= config.time_budget_s
         stop_reason = "time_budget" if budget_spent else "done"  # a resume with no budget left trains no step
         permutation, permutation_epoch = jnp.zeros((0,), jnp.int32), None
         self.bar = tqdm.tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True,
@@ -877,17 +891,17 @@ class _Loop:
         self.last_flush += _clock() - started  # keep evaluation out of steps_per_second
 
     def _budget_used(self, now: Optional[float] = None) -> float:
-        """Seconds of the time budget used: training before a resume, and this call's
-        loop so far (its evaluations included)."""
-        return self.previous_seconds + (_clock() if now is None else now) - self.started
+        """Seconds of the time budget used: before a resume, and this call's loop so far
+        (its evaluations included)."""
+        return self.spent.budget_seconds + (_clock() if now is None else now) - self.started
 
     def _train_seconds(self) -> float:
         """Training time so far, resumed parts included, evaluations excluded."""
-        return self.previous_seconds + _clock() - self.started - self.eval_seconds
+        return self.spent.train_seconds + _clock() - self.started - self.eval_seconds
 
     def _save(self) -> None:
         self._flush()  # never checkpoint past a non-finite loss
-        meta = _checkpoint_meta(self.config, self.plan, self.step, self._train_seconds())
+        meta = _checkpoint_meta(self.config, self.plan, self.step, _Spent(self._train_seconds(), self._budget_used()))
         self.checkpointer.save(self.step, self.state, meta)
         self.saved_step = self.step
 

@@ -146,10 +146,22 @@ def test_eval_and_resume_use_the_trained_config_and_refuse_other_model_fields(tm
 def test_a_run_from_before_the_experiment_record_is_checked_by_its_fields(tmp_path):
     from experiments import common, registry
 
-    (tmp_path / "config.json").write_text(json.dumps({"window": 10, "num_points": 600, "seed": 0}))
-    common.check_trained_by(str(tmp_path), "sine_lstm", registry.get("sine_lstm").get_config())
-    with pytest.raises(ValueError, match=r"fields that 'char_lm' lacks \(num_points, window\)"):
+    # A sine run's config.json with a field the experiment has dropped since.
+    sine = registry.get("sine_lstm").get_config()
+    (tmp_path / "config.json").write_text(json.dumps({**sine.to_dict(), "dropped_since": 1}))
+    common.check_trained_by(str(tmp_path), "sine_lstm", sine)
+    assert "dropped_since" not in common.trained_config(sine, str(tmp_path), keep=())
+    with pytest.raises(ValueError, match=r"its config.json lacks fields of 'char_lm' \(bptt_steps, "):
         common.check_trained_by(str(tmp_path), "char_lm", registry.get("char_lm").get_config())
+
+
+def test_the_bench_runs_through_launch(tmp_path):
+    process = launch("--experiment=bench_unroll", "--config.shapes=2x3x3x4", "--config.methods=scan",
+                     "--config.peers=", "--config.modes=forward", "--config.rounds=1", "--config.calls=1",
+                     "--config.warmup=0", "--config.peak_matmul_size=64", "--config.peak_bandwidth_mib=0",
+                     "--config.plots=false", f"--workdir={tmp_path}")
+    assert process.returncode == 0, process.stderr
+    assert "B=2 T=3 I=3 H=4 forward" in json.loads(process.stdout)["fastest"]
 
 
 def test_an_override_of_a_list_field_must_have_the_trained_length(tmp_path):

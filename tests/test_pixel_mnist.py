@@ -196,7 +196,7 @@ def no_data(monkeypatch):
     ("lru_ppixel_mnist", "dropout", 1.5, "a drop rate in [0, 1)"),
     ("lru_ppixel_mnist", "dropout", -0.5, "a drop rate in [0, 1)"),
     ("lru_pixel_mnist", "unroll_method", "foo", "one of 'auto', 'associative', 'scan', 'static' for cell 'lru'"),
-    ("lstm_pixel_mnist", "unroll_method", "associative", "one of 'scan', 'static' for cell 'lstm'"),
+    ("lstm_pixel_mnist", "unroll_method", "associative", "one of 'auto', 'scan', 'static' for cell 'lstm'"),
     ("lru_pixel_mnist", "num_test_examples", -5, "an integer >= 0 (0: all)"),
     ("lstm_pixel_mnist", "num_test_examples", -5, "an integer >= 0 (0: all)"),
     ("min_gru_ppixel_mnist", "num_layers", 0, "a positive integer"),

@@ -400,7 +400,8 @@ def test_a_resumed_run_keeps_to_the_budget_of_the_whole_run(tmp_path, monkeypatc
     monkeypatch.setattr(train, "_clock", FakeClock(tick=1e-3))  # about 3 ms per step
     first, resumed, _, _ = stopped_and_resumed(str(tmp_path), budget=1.0)
     assert resumed["stop_reason"] == "time_budget" and resumed["steps"] > first["steps"]
-    assert 1.0 <= resumed["train_seconds"] <= 1.05, "the budget covers the run, not each part"
+    # the budget counts the first part's evaluation too, which train_seconds leaves out
+    assert 0.95 <= resumed["train_seconds"] <= 1.05, "the budget covers the run, not each part"
 
 
 def test_a_resumed_budgeted_run_continues_its_learning_rate_decay(tmp_path, monkeypatch):
@@ -423,3 +424,59 @@ def test_a_resume_with_the_budget_spent_stops_at_once_and_evaluates(tmp_path, mo
     assert again["stop_reason"] == "time_budget" and again["steps"] == first["steps"]
     assert "test_accuracy" in again
     assert [r for r in read_metrics(workdir) if r["split"] == "train"] == [r for r in logged if r["split"] == "train"]
+
+
+def test_a_budget_counts_intermediate_evaluations_across_a_resume(tmp_path, monkeypatch):
+    """The budget includes intermediate evaluations (`train_seconds` does not): a run
+    stopped by its budget and resumed with the same config trains no further step."""
+    clock = FakeClock()
+    monkeypatch.setattr(train, "_clock", clock)
+    evaluate = train._EvalSplit.__call__
+
+    def slow_evaluation(self, params):
+        clock.now += 0.05
+        return evaluate(self, params)
+
+    monkeypatch.setattr(train._EvalSplit, "__call__", slow_evaluation)
+    workdir, data, test = str(tmp_path), toy_data(40), {"test": toy_data(20)}
+    c = config(num_steps=10**6, time_budget_s=1.0, fit_schedule_to_budget=False, eval_every_steps=20)
+    first = train.train(softmax_regression(), c, workdir, data, test).results
+    again = train.train(softmax_regression(), c, workdir, data, test, resume=True).results
+    assert first["stop_reason"] == again["stop_reason"] == "time_budget"
+    assert again["steps"] == first["steps"]
+
+
+def test_more_budget_after_a_fitted_run_ended_trains_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "_clock", FakeClock())
+    workdir, data = str(tmp_path), toy_data(40)
+    first = train.train(softmax_regression(), config(num_steps=10**6, time_budget_s=0.5), workdir, data).results
+    more = train.train(softmax_regression(), config(num_steps=10**6, time_budget_s=1.0), workdir, data,
+                       resume=True).results
+    assert first["stop_reason"] == more["stop_reason"] == "time_budget"
+    assert more["steps"] > 1.5 * first["steps"]
+
+
+def test_a_checkpoint_without_the_planned_length_resumes_to_the_configured_one(tmp_path):
+    """Checkpoints written before the meta recorded `planned_steps`: a resume with a
+    budget and a longer `num_steps` trains to it (the budget did not shorten them)."""
+    workdir, data = str(tmp_path), toy_data(40)
+    train.train(softmax_regression(), config(num_steps=4, time_budget_s=600), workdir, data)
+    (meta_file,) = (tmp_path / "checkpoints" / "4" / "meta").glob("metadata")
+    meta = json.loads(meta_file.read_text())
+    del meta["planned_steps"]
+    meta_file.write_text(json.dumps(meta))
+    resumed = train.train(softmax_regression(), config(num_steps=10, time_budget_s=600), workdir, data,
+                          resume=True).results
+    assert (resumed["steps"], resumed["stop_reason"]) == (10, "done")
+
+
+def test_resume_warnings_skip_the_fields_the_caller_allows_and_those_the_file_lacks(tmp_path):
+    workdir, data = str(tmp_path), toy_data(40)
+    train.train(softmax_regression(), config(num_steps=4), workdir, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.train(softmax_regression(), config(num_steps=5, learning_rate=0.01), workdir, data, resume=True,
+                    may_change=("num_steps", "learning_rate"))
+        with_new_field = config(num_steps=6, learning_rate=0.01)
+        with_new_field.added_since = 3  # a field config.json does not have
+        train.train(softmax_regression(), with_new_field, workdir, data, resume=True)
