@@ -720,8 +720,10 @@ def _restore_for_resume(checkpointer: checkpoint_lib.Checkpointer, state: TrainS
             )
     total, shortened_total = plan.total_steps, int(restored.total_steps)
     shortened = "planned_steps" in meta and shortened_total < meta["planned_steps"]  # older checkpoints: not known
-    budget_left = meta.get("budget_seconds", 0.0) < meta.get("time_budget_s", 0.0)
-    if config.time_budget_s and config.fit_schedule_to_budget and shortened and budget_left:
+    # Stopped by a signal: before the shortened schedule's end, with budget left.
+    interrupted = (int(restored.step) < shortened_total
+                   and meta.get("budget_seconds", 0.0) < meta.get("time_budget_s", 0.0))
+    if config.time_budget_s and config.fit_schedule_to_budget and shortened and interrupted:
         total = min(shortened_total, plan.total_steps)
     restored = restored.replace(total_steps=jax.device_put(jnp.int32(total), restored.total_steps.sharding))
     train_seconds = float(meta.get("train_seconds", 0.0))
