@@ -164,9 +164,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.cell: unknown cell type {config.cell!r}; choose from {', '.join(CELL_TYPES)}.")
     for name in ("num_layers", "width", "embed_dim", "unroll", "bptt_steps"):
         check_positive_int(config[name], f"config.{name}")
-    if not 0.0 < config.dropout_keep <= 1.0:  # NaN fails too
-        raise ValueError(f"config.dropout_keep must be a keep probability in (0, 1] (1.0: no dropout), "
-                         f"got {config.dropout_keep!r}.")
+    common.check_keep_probability(config, "dropout_keep")
 
 
 def make_cell(kind: str, width: int, gru_reset_after: bool = True) -> RNNCell:

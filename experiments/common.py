@@ -220,6 +220,14 @@ def check_non_negative_int(config: ml_collections.ConfigDict, name: str, meaning
         raise ValueError(f"config.{name} must be an integer >= 0{meaning}, got {value!r}.")
 
 
+def check_keep_probability(config: ml_collections.ConfigDict, name: str) -> None:
+    """Raises a one-line `ValueError` unless `config[name]` is a keep probability in
+    (0, 1] (NaN fails too)."""
+    value = config[name]
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"config.{name} must be a keep probability in (0, 1] (1.0: no dropout), got {value!r}.")
+
+
 def split_list(value: str, name: str) -> list[str]:
     """Splits a comma-separated config value such as "lstm,gru" into its items."""
     items = [item.strip() for item in str(value).split(",")]

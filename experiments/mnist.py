@@ -112,9 +112,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.unroll_method must be one of {', '.join(map(repr, UNROLL_METHODS))}, "
                          f"got {config.unroll_method!r}.")
     check_positive_int(config.unroll, "config.unroll")
-    if not 0.0 < config.dropout_keep <= 1.0:  # NaN fails too
-        raise ValueError(f"config.dropout_keep must be a keep probability in (0, 1] (1.0: no dropout), "
-                         f"got {config.dropout_keep!r}.")
+    common.check_keep_probability(config, "dropout_keep")
     common.check_non_negative_int(config, "augment_shift", " (0: no shifts)")
     common.check_non_negative_int(config, "reading_digits", " (0: no figure)")
 
