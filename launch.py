@@ -188,9 +188,7 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.mode != "train" or FLAGS.resume:  # the run's config.json, with the overrides that may change
         overrides = config_flags.get_override_values(FLAGS["config"])
         try:
-            common.check_trained_by(workdir, experiment.name, config)
-            common.check_run_overrides(overrides, workdir, FLAGS.mode, FLAGS.resume)
-            config = common.trained_config_with_overrides(config, workdir, overrides)
+            config = common.command_line_config(config, workdir, experiment.name, overrides, FLAGS.mode, FLAGS.resume)
         except ValueError as error:
             fail(error)
     try:

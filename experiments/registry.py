@@ -20,7 +20,7 @@ RunFn = Callable[..., dict[str, Any]]
 Args:
   config: the experiment's `ConfigDict` with the command line's `--config.*` overrides;
     for mode "eval"/"sample" and `resume`, `launch.py` passes the run's `config.json`
-    with the overrides that may change (`common.trained_config_with_overrides`), and
+    with the overrides that may change (`common.command_line_config`), and
     the experiment itself takes from `config` only `common.EVAL_FIELDS` /
     `common.RESUME_FIELDS`, the rest from `config.json` (`common.config_for_run`).
   workdir: the run's directory (`--workdir`, default `runs/<experiment>`).

@@ -664,11 +664,16 @@ def _warn_of_config_changes(path: str, config_json: dict[str, Any], may_change: 
     after = _flat(config_json)
     changed = [f"{name}: {before[name]!r} -> {after[name]!r}" if name in after else f"{name}: {before[name]!r} -> unset"
                for name in sorted(before)
-               if not any(name == field or name.startswith(field + ".") for field in may_change)
-               and (name not in after or after[name] != before[name])]
+               if not is_field_within(name, may_change) and (name not in after or after[name] != before[name])]
     if changed and distributed.is_main_process():
         warnings.warn(f"resuming {os.path.dirname(os.path.abspath(path))} with a config that differs from its "
                       f"config.json in {'; '.join(changed)}", stacklevel=3)
+
+
+def is_field_within(path: str, fields: Sequence[str]) -> bool:
+    """Whether the dotted config `path` ("sample.temperature") is one of `fields` or
+    lies inside one of them ("sample")."""
+    return any(path == field or path.startswith(field + ".") for field in fields)
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -144,15 +144,17 @@ def test_eval_and_resume_use_the_trained_config_and_refuse_other_model_fields(tm
 
 
 def test_a_run_from_before_the_experiment_record_is_checked_by_its_fields(tmp_path):
-    from experiments import common, registry
+    from experiments import registry
+    from experiments.trained_run import TrainedRun
 
     # A sine run's config.json with a field the experiment has dropped since.
     sine = registry.get("sine_lstm").get_config()
     (tmp_path / "config.json").write_text(json.dumps({**sine.to_dict(), "dropped_since": 1}))
-    common.check_trained_by(str(tmp_path), "sine_lstm", sine)
-    assert "dropped_since" not in common.trained_config(sine, str(tmp_path), keep=())
+    run = TrainedRun.read(str(tmp_path))
+    run.check_experiment("sine_lstm", sine)
+    assert "dropped_since" not in run.merged(sine, keep=())
     with pytest.raises(ValueError, match=r"its config.json lacks fields of 'char_lm' \(bptt_steps, "):
-        common.check_trained_by(str(tmp_path), "char_lm", registry.get("char_lm").get_config())
+        run.check_experiment("char_lm", registry.get("char_lm").get_config())
 
 
 def test_the_bench_runs_through_launch(tmp_path):
@@ -165,13 +167,14 @@ def test_the_bench_runs_through_launch(tmp_path):
 
 
 def test_an_override_of_a_list_field_must_have_the_trained_length(tmp_path):
-    from experiments import common
+    from experiments.trained_run import TrainedRun
 
     (tmp_path / "config.json").write_text(json.dumps({"sizes": [8, 8, 8], "rate": 0.5}))
-    common.check_overrides({"sizes": (8, 8, 8), "rate": 0.5}, str(tmp_path), (), "--resume")  # the trained values
+    run = TrainedRun.read(str(tmp_path))
+    run.check_overrides({"sizes": (8, 8, 8), "rate": 0.5}, (), "--resume")  # the trained values
     for sizes in ((8, 8), (8, 8, 8, 8)):  # equal as far as zip() reads them
         with pytest.raises(ValueError, match=r"--config\.sizes=.* differs"):
-            common.check_overrides({"sizes": sizes}, str(tmp_path), (), "--resume")
+            run.check_overrides({"sizes": sizes}, (), "--resume")
 
 
 def test_os_errors_are_worded_by_kind():

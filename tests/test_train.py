@@ -470,6 +470,14 @@ def test_a_checkpoint_without_the_planned_length_resumes_to_the_configured_one(t
     assert (resumed["steps"], resumed["stop_reason"]) == (10, "done")
 
 
+def test_a_field_is_within_a_list_by_name_or_subtree_not_by_prefix():
+    assert train.is_field_within("sample", ("sample",))
+    assert train.is_field_within("sample.temperature", ("num_steps", "sample"))
+    assert not train.is_field_within("samples", ("sample",))  # a longer name, not a subtree
+    assert not train.is_field_within("sample", ("sample.temperature",))  # the subtree holds more than the field
+    assert not train.is_field_within("sample", ())
+
+
 def test_resume_warnings_skip_the_fields_the_caller_allows_and_those_the_file_lacks(tmp_path):
     workdir, data = str(tmp_path), toy_data(40)
     train.train(softmax_regression(), config(num_steps=4), workdir, data)
