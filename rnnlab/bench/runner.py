@@ -309,7 +309,7 @@ def _static_probe(run: _ShapeRun, cell: RNNCell, workload: Workload, method: Met
     run.log(f"  probing {target_name(workload, method)} [{mode}]: compile at T={STATIC_PROBE_LEN}")
     try:
         data = workloads.make_data(shape, run.config.num_classes, run.config.seed)
-        return workloads.build_program(cell, workload, method, mode, params, data).compile_s
+        return workloads.compile_seconds(cell, workload, method, mode, params, data)
     except Exception:  # the build at the real length reports the error
         return None
 

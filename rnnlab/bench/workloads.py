@@ -19,7 +19,7 @@ import optax
 
 import rnnlab
 from rnnlab.bench.config import MethodSpec, Shape, Workload
-from rnnlab.bench.timing import Program, jax_program
+from rnnlab.bench.timing import Program, compile_jax, jax_program
 from rnnlab.cells.base import Params, RNNCell
 
 LEARNING_RATE = 1e-3
@@ -173,14 +173,18 @@ def classifier_loss(apply: Callable, params: Params, x, labels, lengths) -> jax.
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def build_program(
-    cell: RNNCell, workload: Workload, method: MethodSpec, mode: str, params: Params, data: Data
-) -> Program:
-    """Compiles the forward pass or the train step of `workload` run with `method`.
+class _Step(NamedTuple):
+    """What `build_program` compiles: `fn(*args)`, the first `carry` args carried from
+    call to call, `outputs_of` picking the checked arrays from its results."""
 
-    The checked outputs are batch-major whatever the method's layout: forward gives
-    `"outputs"` and `"final"`, the train step the first step's `"loss"` and `"grads"`.
-    """
+    fn: Callable
+    args: tuple
+    outputs_of: Callable[[Any], dict[str, Any]]
+    carry: int
+
+
+def _step(cell: RNNCell, workload: Workload, method: MethodSpec, mode: str, params: Params, data: Data) -> _Step:
+    """The forward pass or the train step of `workload` run with `method`, uncompiled."""
     apply = functools.partial(rnn_apply, cell, workload, method)
     time_major = method.kwargs.get("time_major", False)
     x = jnp.asarray(np.swapaxes(data.x, 0, 1) if time_major else data.x)
@@ -197,7 +201,7 @@ def build_program(
             outputs, final = results
             return {"outputs": jnp.swapaxes(outputs, 0, 1) if time_major else outputs, "final": final}
 
-        return jax_program(forward, (params["rnn"], x, lengths), outputs_of)
+        return _Step(forward, (params["rnn"], x, lengths), outputs_of, carry=0)
 
     optimizer = optax.adam(LEARNING_RATE)
     loss_and_grads = jax.value_and_grad(functools.partial(classifier_loss, apply))
@@ -207,14 +211,38 @@ def build_program(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    labels = jnp.asarray(data.labels)
-    # The gradients are checked from a separate, untimed call: returning them from the
-    # timed step would add outputs the peers' steps do not have (5-12% at shape A).
-    _, grads = jax.jit(loss_and_grads)(params, x, labels, lengths)
-    grads = jax.tree.map(np.asarray, grads)
-    args = (params, optimizer.init(params), x, labels, lengths)
-    program = jax_program(train_step, args, lambda r: {"loss": r[2]}, carry=2)
+    args = (params, optimizer.init(params), x, jnp.asarray(data.labels), lengths)
+    return _Step(train_step, args, lambda r: {"loss": r[2]}, carry=2)
+
+
+def build_program(
+    cell: RNNCell, workload: Workload, method: MethodSpec, mode: str, params: Params, data: Data
+) -> Program:
+    """Compiles the forward pass or the train step of `workload` run with `method`.
+
+    The checked outputs are batch-major whatever the method's layout: forward gives
+    `"outputs"` and `"final"`, the train step the first step's `"loss"` and `"grads"`.
+    """
+    step = _step(cell, workload, method, mode, params, data)
+    if mode == "forward":
+        return jax_program(step.fn, step.args, step.outputs_of)
+    # The gradients are checked from a separate, untimed call (before the timed step
+    # takes the params): returning them from the timed step would add outputs the
+    # peers' steps do not have (5-12% at shape A).
+    apply = functools.partial(rnn_apply, cell, workload, method)
+    loss_and_grads = jax.value_and_grad(functools.partial(classifier_loss, apply))
+    params, _, x, labels, lengths = step.args
+    grads = jax.tree.map(np.asarray, jax.jit(loss_and_grads)(params, x, labels, lengths)[1])
+    program = jax_program(step.fn, step.args, step.outputs_of, step.carry)
     return program._replace(outputs={**program.outputs, "grads": grads})
+
+
+def compile_seconds(
+    cell: RNNCell, workload: Workload, method: MethodSpec, mode: str, params: Params, data: Data
+) -> float:
+    """How long `build_program`'s program takes to compile, without running it."""
+    step = _step(cell, workload, method, mode, params, data)
+    return compile_jax(step.fn, step.args, tuple(range(step.carry)))[1]
 
 
 def peak_program(size: int) -> tuple[Program, float]:
