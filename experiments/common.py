@@ -101,7 +101,8 @@ def command_line_config(config: ml_collections.ConfigDict, workdir: str, experim
     """
     run = TrainedRun.read(workdir)
     run.check_experiment(experiment, config)
-    run.check_overrides(overrides, _fields_kept(mode, resume) or (), "--resume" if mode == "train" else f"--mode={mode}")
+    how = "--resume" if mode == "train" else f"--mode={mode}"
+    run.check_overrides(overrides, _fields_kept(mode, resume) or (), how)
     merged = run.merged(config, keep=())
     with merged.ignore_type():
         merged.update_from_flattened_dict(dict(overrides))
