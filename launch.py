@@ -118,6 +118,22 @@ def list_experiments() -> str:
     return "\n".join(f"{name:<{width}}  {registry.get(name).description}" for name in registry.names())
 
 
+def config_help(experiment: str, config) -> str:
+    """`--helpfull`'s text for `--config`: every field of `config` (nested ones by
+    their dotted path) as the override that sets it, with its default value."""
+    def lines(tree: dict, prefix: str) -> list[str]:
+        found = []
+        for key, value in sorted(tree.items()):
+            if isinstance(value, dict):
+                found += lines(value, f"{prefix}{key}.")
+            elif prefix + key != "experiment":  # set by --experiment
+                found.append(f"--config.{prefix}{key}={value!r}")
+        return found
+
+    return "\n".join([f"The config of --experiment={experiment}; override a field with --config.FIELD=VALUE. "
+                      "Fields and their defaults:", *lines(config.to_dict(), "")])
+
+
 def check_config_overrides(argv: Sequence[str], config, experiment: str) -> None:
     """Fails with one line if a `--config.FIELD` of `argv` names no field of `config`,
     or names `experiment` (which `--experiment` sets)."""
@@ -236,6 +252,8 @@ def run(argv: Optional[list[str]] = None) -> None:
                                         sys_argv=argv)
     except (flags.Error, ValueError, TypeError, KeyError, AttributeError) as error:
         fail(f"bad --config override: {error}")
+    FLAGS["config"].help = config_help(experiment.name, config)
+    FLAGS["config"].default_as_str = None  # the help lists the defaults field by field
     app.run(main, argv=argv, flags_parser=parse_flags)
 
 

@@ -166,6 +166,23 @@ def test_the_bench_runs_through_launch(tmp_path):
     assert "B=2 T=3 I=3 H=4 forward" in json.loads(process.stdout)["fastest"]
 
 
+def test_helpfull_lists_every_config_field_by_its_override_path():
+    import ast
+
+    from experiments import registry
+    from launch import config_help
+
+    config = registry.get("char_lm").get_config()
+    config.experiment = "char_lm"
+    listed = dict(line.split("=", 1) for line in config_help("char_lm", config).splitlines()[1:])
+    paths = {f"--config.{key}": value for key, value in config.to_dict().items() if not isinstance(value, dict)}
+    paths.update({f"--config.sample.{key}": value for key, value in config.sample.to_dict().items()})
+    del paths["--config.experiment"]  # set by --experiment, refused as an override
+    assert set(listed) == set(paths)
+    assert all(ast.literal_eval(listed[path]) == value for path, value in paths.items())
+    assert "--config.sample.temperature=0.8" in launch("--experiment=char_lm", "--helpfull").stdout
+
+
 def test_an_override_of_a_list_field_must_have_the_trained_length(tmp_path):
     from experiments.trained_run import TrainedRun
 
