@@ -34,6 +34,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 from typing import NoReturn, Optional, Sequence
@@ -120,18 +121,31 @@ def list_experiments() -> str:
 
 def config_help(experiment: str, config) -> str:
     """`--helpfull`'s text for `--config`: every field of `config` (nested ones by
-    their dotted path) as the override that sets it, with its default value."""
+    their dotted path) as the shell argument that sets it to its default value."""
     def lines(tree: dict, prefix: str) -> list[str]:
         found = []
         for key, value in sorted(tree.items()):
             if isinstance(value, dict):
                 found += lines(value, f"{prefix}{key}.")
             elif prefix + key != "experiment":  # set by --experiment
-                found.append(f"--config.{prefix}{key}={value!r}")
+                found.append(f"--config.{prefix}{key}={shell_word(value)}")
         return found
 
     return "\n".join([f"The config of --experiment={experiment}; override a field with --config.FIELD=VALUE. "
-                      "Fields and their defaults:", *lines(config.to_dict(), "")])
+                      "Fields and their defaults, as shell arguments:", *lines(config.to_dict(), "")])
+
+
+def shell_word(value) -> str:
+    """`value` as a shell word that config_flags parses back to it: strings as they
+    are, other values as Python literals; quoted where the shell needs it (in double
+    quotes when that reads easier than single ones; `$'...'`, bash's quoting with
+    escapes, for control characters such as a newline)."""
+    text = value if isinstance(value, str) else repr(value)
+    if not text.isprintable():
+        return "$'" + text.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+    if "'" in text and not re.search(r'["$`!]|\\(["$`\\]|$)', text):
+        return f'"{text}"'  # double quotes keep it as written, single quotes included
+    return shlex.quote(text)
 
 
 def check_config_overrides(argv: Sequence[str], config, experiment: str) -> None:
@@ -248,11 +262,9 @@ def run(argv: Optional[list[str]] = None) -> None:
         config.experiment = name  # recorded in config.json, so that eval and resume can check it
     check_config_overrides(argv, config, name)
     try:  # config_flags applies the --config.* overrides of sys.argv here
-        config_flags.DEFINE_config_dict("config", config, "The experiment's config; override fields with --config.FIELD=VALUE.",
-                                        sys_argv=argv)
+        config_flags.DEFINE_config_dict("config", config, config_help(experiment.name, config), sys_argv=argv)
     except (flags.Error, ValueError, TypeError, KeyError, AttributeError) as error:
         fail(f"bad --config override: {error}")
-    FLAGS["config"].help = config_help(experiment.name, config)
     FLAGS["config"].default_as_str = None  # the help lists the defaults field by field
     app.run(main, argv=argv, flags_parser=parse_flags)
 

@@ -166,21 +166,45 @@ def test_the_bench_runs_through_launch(tmp_path):
     assert "B=2 T=3 I=3 H=4 forward" in json.loads(process.stdout)["fastest"]
 
 
-def test_helpfull_lists_every_config_field_by_its_override_path():
-    import ast
+def experiment_names() -> list[str]:
+    sys.path.insert(0, str(ROOT))
+    from experiments import registry
+
+    return registry.names()
+
+
+@pytest.mark.parametrize("name", experiment_names())
+def test_helpfull_lists_every_config_field_as_the_shell_argument_that_sets_its_default(name):
+    from absl import flags
+    from ml_collections import config_flags
 
     from experiments import registry
     from launch import config_help
 
-    config = registry.get("char_lm").get_config()
-    config.experiment = "char_lm"
-    listed = dict(line.split("=", 1) for line in config_help("char_lm", config).splitlines()[1:])
-    paths = {f"--config.{key}": value for key, value in config.to_dict().items() if not isinstance(value, dict)}
-    paths.update({f"--config.sample.{key}": value for key, value in config.sample.to_dict().items()})
-    del paths["--config.experiment"]  # set by --experiment, refused as an override
-    assert set(listed) == set(paths)
-    assert all(ast.literal_eval(listed[path]) == value for path, value in paths.items())
-    assert "--config.sample.temperature=0.8" in launch("--experiment=char_lm", "--helpfull").stdout
+    config = registry.get(name).get_config()
+    config.experiment = name  # launch records it; the listing leaves it out (--experiment sets it)
+    listed = config_help(name, config).splitlines()[1:]
+    # What a shell passes on for the listed words, e.g. --config.sample.prompt=$'ROMEO:\n'.
+    printed = subprocess.run(["bash", "-c", 'printf "%s\\0" ' + " ".join(listed)], capture_output=True, check=True)
+    argv = printed.stdout.decode().split("\0")[:-1]
+    assert len(argv) == len(listed)
+    flag_values, argv = flags.FlagValues(), ["launch.py", *argv]
+    config_flags.DEFINE_config_dict("config", registry.get(name).get_config(), flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    overrides = config_flags.get_override_values(flag_values["config"])
+    expected = {path: value for path, value in flat(config.to_dict()).items() if path != "experiment"}
+    assert set(overrides) == set(expected)  # every field listed once, nested ones by their dotted path
+    assert flat(flag_values.config.to_dict()) == expected
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    return {path: value for key, child in tree.items()
+            for path, value in (flat(child, f"{prefix}{key}.") if isinstance(child, dict)
+                                else {prefix + key: child}).items()}
+
+
+def test_helpfull_shows_the_listing():
+    assert "--config.sample.prompt=$'ROMEO:\\n'" in launch("--experiment=char_lm", "--helpfull").stdout
 
 
 def test_an_override_of_a_list_field_must_have_the_trained_length(tmp_path):
