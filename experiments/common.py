@@ -9,6 +9,7 @@ import ml_collections
 
 from rnnlab import distributed, train
 from rnnlab.cells.base import Params
+
 from experiments.trained_run import TrainedRun
 
 EVAL_FIELDS = ("eval_batch_size", "progress_bar", "unroll", "unroll_method", "reading_digits",

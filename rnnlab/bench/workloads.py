@@ -175,12 +175,14 @@ def classifier_loss(apply: Callable, params: Params, x, labels, lengths) -> jax.
 
 class _Step(NamedTuple):
     """What `build_program` compiles: `fn(*args)`, the first `carry` args carried from
-    call to call, `outputs_of` picking the checked arrays from its results."""
+    call to call, `outputs_of` picking the checked arrays from its results; for a train
+    step, `loss_and_grads(params, x, labels, lengths)` too."""
 
     fn: Callable
     args: tuple
     outputs_of: Callable[[Any], dict[str, Any]]
-    carry: int
+    carry: int = 0
+    loss_and_grads: Optional[Callable] = None
 
 
 def _step(cell: RNNCell, workload: Workload, method: MethodSpec, mode: str, params: Params, data: Data) -> _Step:
@@ -201,7 +203,7 @@ def _step(cell: RNNCell, workload: Workload, method: MethodSpec, mode: str, para
             outputs, final = results
             return {"outputs": jnp.swapaxes(outputs, 0, 1) if time_major else outputs, "final": final}
 
-        return _Step(forward, (params["rnn"], x, lengths), outputs_of, carry=0)
+        return _Step(forward, (params["rnn"], x, lengths), outputs_of)
 
     optimizer = optax.adam(LEARNING_RATE)
     loss_and_grads = jax.value_and_grad(functools.partial(classifier_loss, apply))
@@ -212,7 +214,7 @@ def _step(cell: RNNCell, workload: Workload, method: MethodSpec, mode: str, para
         return optax.apply_updates(params, updates), opt_state, loss
 
     args = (params, optimizer.init(params), x, jnp.asarray(data.labels), lengths)
-    return _Step(train_step, args, lambda r: {"loss": r[2]}, carry=2)
+    return _Step(train_step, args, lambda r: {"loss": r[2]}, carry=2, loss_and_grads=loss_and_grads)
 
 
 def build_program(
@@ -229,10 +231,8 @@ def build_program(
     # The gradients are checked from a separate, untimed call (before the timed step
     # takes the params): returning them from the timed step would add outputs the
     # peers' steps do not have (5-12% at shape A).
-    apply = functools.partial(rnn_apply, cell, workload, method)
-    loss_and_grads = jax.value_and_grad(functools.partial(classifier_loss, apply))
     params, _, x, labels, lengths = step.args
-    grads = jax.tree.map(np.asarray, jax.jit(loss_and_grads)(params, x, labels, lengths)[1])
+    grads = jax.tree.map(np.asarray, jax.jit(step.loss_and_grads)(params, x, labels, lengths)[1])
     program = jax_program(step.fn, step.args, step.outputs_of, step.carry)
     return program._replace(outputs={**program.outputs, "grads": grads})
 
