@@ -29,8 +29,8 @@ so `nnx.state`, `nnx.grad`, `nnx.jit` and `nnx.Optimizer(..., wrt=nnx.Param)` se
 Randomness follows `rnnlab.linen`: a cell draws random numbers (dropout) only when its
 initial state gets a key. When `deterministic` is false the modules draw that key from
 the `"dropout"` stream of the `rngs` given at construction (or from `rngs` given at
-call time); when true, or when the cell has no randomness at all, they pass `rng=None`,
-and `deterministic` may then stay undecided. As with `nnx.Dropout`, `deterministic` is
+call time); when true, or when the cell has no randomness at all, they pass `rng=None`.
+A cell without randomness needs no `deterministic` at all. As with `nnx.Dropout`, `deterministic` is
 set at construction, by `model.train()` / `model.eval()` or `nnx.view`, or at call time,
 which wins. A given `initial_state` brings its own keys (`rnnlab.new_dropout_keys`), so
 no key is drawn for it; with `deterministic` true its keys are removed
@@ -64,14 +64,23 @@ _UNROLL_OPTIONS = frozenset(inspect.signature(_unroll).parameters) - {
 
 
 def _check_cell(owner: str, name: str, cell: Any) -> None:
+    """Raises a one-line `TypeError` unless `cell` (the argument `owner.name`) is an `RNNCell`."""
     if not isinstance(cell, RNNCell):
         raise TypeError(f"{owner}.{name} must be an rnnlab RNNCell, got {type(cell).__name__}.")
 
 
 def _check_options(owner: str, options: dict[str, Any], allowed: frozenset[str]) -> None:
+    """Raises a one-line `TypeError` for keyword arguments of `owner` outside `allowed`."""
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise TypeError(f"{owner} got unknown unroll options {unknown}; it takes {sorted(allowed)}.")
+
+
+def _check_rngs(owner: str, rngs: Any) -> None:
+    """Raises a one-line `TypeError` unless `rngs` is an `nnx.Rngs`."""
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(f"{owner} takes rngs=nnx.Rngs(...) (params, and dropout for a cell with dropout), "
+                        f"got {type(rngs).__name__}.")
 
 
 def _dropout_stream(rngs: nnx.Rngs) -> Optional[nnx.RngStream]:
@@ -120,6 +129,8 @@ class _Adapter(nnx.Module):
         return not deterministic
 
     def _dropout_key(self, rngs: Optional[DropoutRngs]) -> PRNGKey:
+        """A dropout key from the call's `rngs`, else from the module's stream; a
+        one-line `ValueError` when neither has a "dropout" stream."""
         source = self.rngs if rngs is None else rngs
         if isinstance(source, nnx.Rngs):
             try:
@@ -166,6 +177,7 @@ class RNN(_Adapter):
         **unroll_options: Any,
     ) -> None:
         _check_cell("RNN", "cell", cell)
+        _check_rngs("RNN", rngs)
         _check_options("RNN", unroll_options, _UNROLL_OPTIONS)
         params = cell.init(rngs.params(), input_size)
         self.cell = cell
@@ -246,6 +258,7 @@ class Bidirectional(_Adapter):
     ) -> None:
         _check_cell("Bidirectional", "cell_fw", cell_fw)
         _check_cell("Bidirectional", "cell_bw", cell_bw)
+        _check_rngs("Bidirectional", rngs)
         _check_options("Bidirectional", unroll_options, _UNROLL_OPTIONS - {"reverse"})
         if merge not in ("concat", "none"):
             raise ValueError(f"merge must be 'concat' or 'none', got {merge!r}.")

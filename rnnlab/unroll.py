@@ -421,6 +421,9 @@ def bidirectional(
     if not isinstance(params, Mapping) or set(params) != {"fw", "bw"}:
         got = sorted(map(str, params)) if isinstance(params, Mapping) else type(params).__name__
         raise ValueError(f"bidirectional params must be a dict with keys 'fw' and 'bw' (see init_bidirectional), got {got}.")
+    if not isinstance(initial_states, (tuple, list)) or len(initial_states) != 2:
+        got = f"length {len(initial_states)}" if isinstance(initial_states, (tuple, list)) else type(initial_states).__name__
+        raise ValueError(f"initial_states must be a pair (state_fw, state_bw), either of them None, got {got}.")
     if rng is not None and all(state is not None for state in initial_states):
         raise ValueError(_RNG_OR_INITIAL_STATE)
     rng_fw, rng_bw = (None, None) if rng is None else tuple(jax.random.split(rng))

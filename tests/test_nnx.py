@@ -279,6 +279,11 @@ def test_bad_cells_options_and_input_sizes_are_refused_clearly() -> None:
         rnnlab.nnx.Bidirectional(lstm(3), lstm(3), I, rngs=rngs, reverse=True)
     with pytest.raises(ValueError, match="merge must be"):
         rnnlab.nnx.Bidirectional(lstm(3), lstm(3), I, rngs=rngs, merge="sum")
+    for bad in (None, 0):
+        with pytest.raises(TypeError, match=r"RNN takes rngs=nnx.Rngs\(...\)"):
+            rnnlab.nnx.RNN(lstm(3), I, rngs=bad)
+    with pytest.raises(TypeError, match=r"Bidirectional takes rngs=nnx.Rngs"):
+        rnnlab.nnx.Bidirectional(lstm(3), lstm(3), I, rngs=jax.random.PRNGKey(0))
 
     model = rnnlab.nnx.RNN(lstm(3), I, rngs=rngs)
     with pytest.raises(ValueError, match=r"built with input_size=4, got inputs of shape \(3, 6, 5\)"):

@@ -648,6 +648,12 @@ def test_params_of_another_cell_are_rejected_naming_the_param() -> None:
     cell = gru(4)
     with pytest.raises(ValueError, match=r"params must be a dict with keys 'fw' and 'bw' .* got \['b', 'w_h', 'w_x'\]"):
         rnnlab.bidirectional(cell, cell, cell.init(key, I), xs)
+    params = rnnlab.init_bidirectional(cell, cell, key, I)
+    state = rnnlab.batched_initial_state(cell, params["fw"], xs.shape[0])
+    with pytest.raises(ValueError, match=r"initial_states must be a pair \(state_fw, state_bw\), .* got length 1"):
+        rnnlab.bidirectional(cell, cell, params, xs, initial_states=(state,))
+    with pytest.raises(ValueError, match=r"initial_states must be a pair .* got ArrayImpl"):  # one state, not a pair
+        rnnlab.bidirectional(cell, cell, params, xs, initial_states=state)
     with pytest.raises(TypeError, match=r"lists with one cell per layer; for one layer pass \[cell\]"):
         rnnlab.stacked_bidirectional(cell, cell, [rnnlab.init_bidirectional(cell, cell, key, I)], xs)
 
