@@ -12,7 +12,7 @@ from rnnlab.unroll import (
     stacked_bidirectional,
     unroll,
 )
-from rnnlab.wrappers import DropoutState, dropout, new_dropout_keys, residual, stack
+from rnnlab.wrappers import DropoutState, dropout, new_dropout_keys, residual, stack, zoneout
 
 __all__ = [
     "DropoutState",
@@ -31,6 +31,7 @@ __all__ = [
     "stack",
     "stacked_bidirectional",
     "unroll",
+    "zoneout",
 ]
 
 __version__ = "0.1.0"

@@ -3,6 +3,8 @@
 * `stack`: TF1's `MultiRNNCell`, layers of any cell types and widths.
 * `dropout`: TF1's `DropoutWrapper`, with input/output/state keep probabilities and
   variational (one mask per sequence) dropout.
+* `zoneout`: zoneout (Krueger et al., 2016): each state unit keeps its previous value
+  with some probability, with the dropout keys of `dropout`.
 * `residual`: TF1's `ResidualWrapper`, output `x + cell(x)`; a linear recurrence stays one
   (`method="associative"` still applies).
 """
@@ -85,10 +87,13 @@ def stack(cells: Sequence[RNNCell]) -> RNNCell:
 
 
 class DropoutState(NamedTuple):
-    """State of a `dropout` cell: the wrapped cell's state and the dropout key.
+    """State of a `dropout` or `zoneout` cell: the wrapped cell's state and the key.
 
-    `key` is `None` in evaluation (no dropout). For variational dropout it stays fixed
-    for the whole sequence, so every step draws the same masks from it.
+    `key` is `None` in evaluation (no dropout; zoneout's expectation form). For
+    variational dropout it stays fixed for the whole sequence, so every step draws the
+    same masks from it; otherwise each step splits it. Both wrappers share this state so
+    that `new_dropout_keys`, `without_dropout_keys`, `unroll(..., rng=key)` and the
+    Flax modules' `"dropout"` stream serve either one.
     """
 
     cell: State
@@ -190,6 +195,96 @@ def dropout(
         name=name,
         input_projection=cell.input_projection if hoistable else None,
         projected_step=wrap(cell.projected_step, drop_input=False) if hoistable else None,
+    )
+
+
+def _zoneout_rate(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a zoneout rate (a float in [0, 1)), got {value!r}.")
+    return float(value)
+
+
+def _zoneout_state(key: Optional[PRNGKey], previous: State, candidate: State, rate: float, memory_rate: float) -> State:
+    """Mixes every floating-point leaf of `candidate` with the same leaf of `previous`:
+    with a key, each unit keeps its previous value with probability `rate`
+    (`memory_rate` for LSTM memory cells `c`); without one, the expectation
+    `rate * previous + (1 - rate) * candidate`. Other leaves (the PRNG keys of dropout
+    cells inside) are the candidate's."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(candidate)
+    previous_leaves = treedef.flatten_up_to(previous)
+    keys = [None] * len(leaves) if key is None else jax.random.split(key, max(len(leaves), 1))
+    mixed = []
+    for (path, new), old, leaf_key in zip(leaves, previous_leaves, keys):
+        leaf_rate = memory_rate if _is_memory_cell(path) else rate
+        if leaf_rate == 0.0 or not jnp.issubdtype(new.dtype, jnp.inexact):
+            mixed.append(new)
+        elif leaf_key is None:
+            mixed.append(leaf_rate * old + (1.0 - leaf_rate) * new)
+        else:
+            keep_previous = jax.random.bernoulli(leaf_key, leaf_rate, jnp.shape(new))
+            mixed.append(jnp.where(keep_previous, old, new))
+    return jax.tree_util.tree_unflatten(treedef, mixed)
+
+
+def zoneout(cell: RNNCell, rate: float, *, memory_rate: Optional[float] = None) -> RNNCell:
+    """Zoneout (Krueger et al., 2016, "Zoneout: Regularizing RNNs by Randomly Preserving
+    Hidden Activations", arXiv:1606.01305): units of the state randomly keep their
+    previous values instead of being updated.
+
+    In training, every unit of every floating-point leaf of the new state is, at every
+    step and independently, its previous value with probability `rate` and the wrapped
+    cell's new value otherwise: `new = mask * previous + (1 - mask) * candidate` with
+    `mask ~ Bernoulli(rate)` per unit, drawn fresh at each step. LSTM memory cells (the
+    state fields named `c`, as `dropout` finds them) use `memory_rate` instead (`None`:
+    `rate`). In evaluation (no key) the new state is the expectation,
+    `rate * previous + (1 - rate) * candidate`. The PRNG keys of dropout cells inside
+    are carried on, never mixed.
+
+    The output `y` is the wrapped cell's output as the cell returns it, not recomputed
+    from the zoned-out state (as in the zoneout authors' own code); so for an LSTM `y`
+    can differ from the `h` carried in the state.
+
+    Randomness is that of `dropout`: `initial_state(params, rng)` stores a key (`None`
+    without one, for evaluation) and `rnnlab.unroll(..., rng=key)` passes one per
+    example; `new_dropout_keys` and `without_dropout_keys` apply as they do to dropout.
+    The wrapped cell's input projection is kept, so the unroll can still hoist it.
+
+    Args:
+      cell: the cell to wrap; `x: [input_size]`, `y: [cell.output_size]`.
+      rate: the probability that a unit keeps its previous value, a float in [0, 1)
+        (1 would freeze the state forever); 0 is the wrapped cell.
+      memory_rate: the same for LSTM memory cells `c`; `None` means `rate`.
+
+    Params: the wrapped cell's. State: `DropoutState(cell, key)`.
+    """
+    rate = _zoneout_rate(rate, "rate")
+    memory_rate = rate if memory_rate is None else _zoneout_rate(memory_rate, "memory_rate")
+    name = f"zoneout({cell.name}, rate={rate}" + (f", memory_rate={memory_rate})" if memory_rate != rate else ")")
+
+    def initial_state(params: Params, rng: Optional[PRNGKey] = None) -> DropoutState:
+        if rng is None:
+            return DropoutState(cell.initial_state(params), None)
+        cell_rng, zoneout_rng = jax.random.split(rng)
+        return DropoutState(cell.initial_state(params, cell_rng), zoneout_rng)
+
+    def wrap(inner_step: Callable[[Params, State, Array], tuple[State, Array]]):
+        def wrapped(params: Params, state: DropoutState, x: Array) -> tuple[DropoutState, Array]:
+            candidate, y = inner_step(params, state.cell, x)
+            if state.key is None:
+                return DropoutState(_zoneout_state(None, state.cell, candidate, rate, memory_rate), None), y
+            next_key, step_key = jax.random.split(state.key)
+            return DropoutState(_zoneout_state(step_key, state.cell, candidate, rate, memory_rate), next_key), y
+
+        return wrapped
+
+    return RNNCell(
+        init=cell.init,
+        initial_state=initial_state,
+        step=wrap(cell.step),
+        output_size=cell.output_size,
+        name=name,
+        input_projection=cell.input_projection if cell.can_hoist else None,
+        projected_step=wrap(cell.projected_step) if cell.can_hoist else None,
     )
 
 
