@@ -30,6 +30,11 @@ scans the tangents in linear space (they obey the same recurrence), so forward a
 reverse mode both work. The sequential scan never divides or compounds products, so
 it stays in linear space.
 
+A reset before step `t` (`resets`, episode starts) restarts the recurrence from the
+cell's default state `r`: `h_t = a_t ⊙ r + b_t` is the step `(0, b_t + a_t ⊙ r)`, so
+resets only change the coefficients and every scan above runs them as they are (in
+linear space: `log 0` has no place in the log-space form).
+
 `rnnlab.unroll` calls `linear_unroll`; it has already validated the arguments and
 reversed the sequences for `reverse=True`. Generating one step at a time is
 `cell.step`, the same recurrence.
@@ -55,6 +60,7 @@ def linear_unroll(
     initial_state: State,
     lengths: Optional[Array],
     *,
+    resets: Optional[Array] = None,
     parallel: bool,
     unroll: int = 1,
     block_size: Optional[int] = None,
@@ -70,6 +76,9 @@ def linear_unroll(
       lengths: int32 `[B]` with values in `[0, T]`, or `None` (all `T` steps valid). For
         `t >= lengths[b]` the step is `a = 1, b = 0` (the state is carried) and the
         output is zero.
+      resets: bool `[T, B]` or `None`: where `resets[t, b]`, step `t` of example `b`
+        starts from `cell.initial_state(params)` instead of the state before it (the
+        step becomes `a = 0, b = b + a·r`); the lengths mask wins past `lengths[b]`.
       parallel: scan the states with `jax.lax.associative_scan` (`True`) or `lax.scan`.
       unroll: steps per loop iteration of the sequential scan (`lax.scan(unroll=...)`)
         and of the blocks' loops.
@@ -85,7 +94,7 @@ def linear_unroll(
     """
     _check_linear(cell)
     solver = _Solver(parallel, unroll, block_size)
-    return _unroll(cell, params, xs, initial_state, lengths, solver)
+    return _unroll(cell, params, xs, initial_state, lengths, resets, solver)
 
 
 def _check_linear(cell: RNNCell, where: str = "") -> None:
@@ -124,13 +133,20 @@ class _Solver(NamedTuple):
 
 
 def _unroll(
-    cell: RNNCell, params: Params, xs: Array, state: State, lengths: Optional[Array], solver: _Solver
+    cell: RNNCell,
+    params: Params,
+    xs: Array,
+    state: State,
+    lengths: Optional[Array],
+    resets: Optional[Array],
+    solver: _Solver,
 ) -> tuple[Array, State]:
     if cell.layers is None:
-        return _unroll_linear(cell.linear_recurrence, params, xs, state, lengths, solver)
+        default = None if resets is None else cell.initial_state(params)
+        return _unroll_linear(cell.linear_recurrence, params, xs, state, lengths, resets, default, solver)
     finals = []
     for layer, layer_params, layer_state in zip(cell.layers, params, state):
-        xs, final = _unroll(layer, layer_params, xs, layer_state, lengths, solver)
+        xs, final = _unroll(layer, layer_params, xs, layer_state, lengths, resets, solver)
         finals.append(final)
     return xs, tuple(finals)
 
@@ -141,20 +157,24 @@ def _unroll_linear(
     xs: Array,
     h0: State,
     lengths: Optional[Array],
+    resets: Optional[Array],
+    default: Optional[State],
     solver: _Solver,
 ) -> tuple[Array, State]:
-    """All states `hs` (leaves `[T, B, ...]`), then the outputs from them."""
+    """All states `hs` (leaves `[T, B, ...]`), then the outputs from them. `default`:
+    one example's state that `resets [T, B]` restart from (`None` without resets)."""
     num_steps = xs.shape[0]
+    log_space = recurrence.log_coefficients is not None and resets is None
     if solver.block_size is None:
-        solver = solver._replace(
-            block_size=default_block_size(num_steps, recurrence.log_coefficients is not None)
-        )
+        solver = solver._replace(block_size=default_block_size(num_steps, log_space))
     valid = valid_steps(xs, lengths)  # [T, B] or None
     if num_steps == 0:  # no states: empty outputs, and the final state is the initial one
         hs = jax.tree.map(lambda h: h[None][:0], h0)
-    elif recurrence.log_coefficients is None or not solver.parallel or solver.block_size > 1:
+    elif not log_space or not solver.parallel or solver.block_size > 1:
         a, b = _all_coefficients(recurrence, params, xs)
-        if valid is not None:  # a = 1, b = 0: carry the state
+        if resets is not None:
+            a, b = _reset_coefficients(resets, a, b, default)
+        if valid is not None:  # a = 1, b = 0: carry the state (after resets, which it overrides)
             a, b = _where_valid(valid, a, 1.0), _where_valid(valid, b, 0.0)
         hs = jax.tree.map(functools.partial(_states, solver=solver), a, b, h0)
     else:
@@ -178,6 +198,15 @@ def _all_coefficients(recurrence: LinearRecurrence, params: Params, xs: Array) -
     any_input = jnp.zeros(xs.shape[2:], xs.dtype)  # a does not depend on x
     a = jax.tree.map(lambda leaf: leaf[None, None], recurrence.coefficients(params, any_input)[0])
     return a, _all_steps(lambda params, x: recurrence.coefficients(params, x)[1], params, xs)
+
+
+def _reset_coefficients(resets: Array, a: Any, b: Any, default: State) -> tuple[Any, Any]:
+    """`(a, b)` (leaves `[T, B, ...]`; `a`'s may be `[1, 1, ...]`) with the steps where
+    `resets [T, B]` started from `default` (one example's state): `h_t = a_t r + b_t` is
+    the step `(0, b_t + a_t r)`. `a` comes back full-size."""
+    a = jax.tree.map(lambda a_leaf, b_leaf: jnp.broadcast_to(a_leaf, b_leaf.shape), a, b)
+    b = jax.tree.map(lambda a_leaf, b_leaf, r: b_leaf + _where_valid(resets, a_leaf * r, 0.0), a, b, default)
+    return _where_valid(~resets, a, 0.0), b
 
 
 def _all_steps(fn, params: Params, xs: Array) -> tuple[Any, Any]:

@@ -122,10 +122,13 @@ class RNN(_RNNBase):
         *,
         lengths: Optional[Array] = None,
         initial_state: Optional[State] = None,
+        resets: Optional[Array] = None,
         deterministic: Optional[bool] = None,
     ) -> Array | tuple[Array, State]:
         """Args: `inputs [B, T, I]` (or `[T, B, I]`), optional integer `lengths [B]`, an
-        optional batched `initial_state`, and `deterministic` unless set on the module.
+        optional batched `initial_state`, optional bool `resets [B, T]` (or `[T, B]`;
+        episode starts, see `rnnlab.unroll`), and `deterministic` unless set on the
+        module.
 
         Returns: outputs `[B, T, O]` (zero past each length), or
         `(outputs, final_state)` with `return_state=True`.
@@ -144,6 +147,7 @@ class RNN(_RNNBase):
             inputs,
             initial_state=initial_state,
             lengths=lengths,
+            resets=resets,
             reverse=self.reverse,
             time_major=self.time_major,
             rng=rng,

@@ -59,7 +59,7 @@ DropoutRngs = Union[nnx.Rngs, nnx.RngStream, PRNGKey]
 
 # the keyword arguments of `rnnlab.unroll` that the modules pass through as given
 _UNROLL_OPTIONS = frozenset(inspect.signature(_unroll).parameters) - {
-    "cell", "params", "inputs", "initial_state", "lengths", "time_major", "rng"
+    "cell", "params", "inputs", "initial_state", "lengths", "resets", "time_major", "rng"
 }
 
 
@@ -196,12 +196,14 @@ class RNN(_Adapter):
         *,
         lengths: Optional[Array] = None,
         initial_state: Optional[State] = None,
+        resets: Optional[Array] = None,
         deterministic: Optional[bool] = None,
         rngs: Optional[DropoutRngs] = None,
     ) -> Array | tuple[Array, State]:
         """Args: `inputs [B, T, I]` (or `[T, B, I]`), optional integer `lengths [B]`, an
-        optional batched `initial_state`, `deterministic` to override the module's, and
-        `rngs` to draw the dropout key from instead of the module's stream.
+        optional batched `initial_state`, optional bool `resets [B, T]` (or `[T, B]`;
+        episode starts, see `rnnlab.unroll`), `deterministic` to override the module's,
+        and `rngs` to draw the dropout key from instead of the module's stream.
 
         Returns: outputs `[B, T, O]` (zero past each length), or
         `(outputs, final_state)` with `return_state=True`.
@@ -217,6 +219,7 @@ class RNN(_Adapter):
             inputs,
             initial_state=initial_state,
             lengths=lengths,
+            resets=resets,
             time_major=self.time_major,
             rng=rng,
             **self.unroll_options,

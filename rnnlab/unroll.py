@@ -7,6 +7,10 @@ Semantics follow TF1's `dynamic_rnn` / `static_rnn`:
     through unchanged, so the final state is the state after step `lengths[b] - 1`.
   * `reverse=True` reverses only the valid prefix of each sequence (like
     `tf.reverse_sequence`) and puts the outputs back in the original time order.
+  * `resets[b, t]` (episode starts in a stream, as in reinforcement learning): just
+    before step `t`, example `b`'s state becomes the cell's default initial state
+    (`cell.initial_state(params)`), keeping its dropout keys; past `lengths[b]` a
+    reset does nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 
 from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, State
 from rnnlab.linear_unroll import linear_unroll
+from rnnlab.wrappers import DropoutState
 
 METHODS = ("scan", "static", "associative")
 
@@ -37,6 +42,7 @@ def unroll(
     *,
     initial_state: Optional[State] = None,
     lengths: Optional[Array] = None,
+    resets: Optional[Array] = None,
     method: str = "scan",
     unroll: int = 1,
     reverse: bool = False,
@@ -56,6 +62,14 @@ def unroll(
       initial_state: the batched state (every leaf with a leading `[B]` axis). Default:
         `cell.initial_state` for every example, drawn with `rng` when given.
       lengths: optional integer `[B]`, each in `[0, T]`.
+      resets: optional bool `[B, T]` (`[T, B]` when `time_major`): where
+        `resets[b, t]`, example `b`'s state is replaced, just before step `t`, by
+        `cell.initial_state(params)` (not by `initial_state`, which may be a state
+        carried from the previous window; every layer of a stack is reset), so a
+        window of a stream can hold the ends and starts of episodes. Dropout and
+        zoneout keys are kept from the running state, so their masks go on as without
+        the reset. Steps at `t >= lengths[b]` ignore it. Not with `reverse`; cells with
+        a fused scan then run the step's autodiff loop (`fused=True` is refused).
       method: `"scan"` (`jax.lax.scan`), `"static"` (a Python loop: one graph node per
         step, slow to compile for long sequences) or `"associative"`
         (`jax.lax.associative_scan`, for cells with a `linear_recurrence`).
@@ -109,6 +123,10 @@ def unroll(
         raise ValueError(
             f"fused=True runs method='scan' without remat, got method={method!r}, remat={remat!r}."
         )
+    if resets is not None and reverse:
+        raise ValueError("resets mark episode starts in forward time; they cannot be used with reverse=True.")
+    if resets is not None and fused:
+        raise ValueError("resets run the step's autodiff loop, not the fused scan: pass fused=None or False.")
     if block_size is not None:
         if method != "associative":
             raise ValueError(f"block_size applies to method='associative' only, got method={method!r}.")
@@ -117,6 +135,7 @@ def unroll(
     xs = _to_time_major(inputs, time_major)
     num_steps, batch_size = xs.shape[0], xs.shape[1]
     lengths = check_lengths(lengths, batch_size, num_steps)
+    resets = _check_resets(resets, batch_size, num_steps, time_major)
     if not isinstance(cell, RNNCell):
         raise TypeError(f"cell must be an rnnlab RNNCell (e.g. rnnlab.cells.lstm(128)), got {type(cell).__name__}.")
     if initial_state is not None and rng is not None:
@@ -138,25 +157,29 @@ def unroll(
         xs = _reverse_time_major(xs, lengths)
     if method == "associative":
         ys, final = linear_unroll(
-            cell, params, xs, initial_state, lengths, parallel=True, unroll=unroll, block_size=block_size
+            cell, params, xs, initial_state, lengths, resets=resets, parallel=True, unroll=unroll,
+            block_size=block_size,
         )
     elif cell.layers is not None:
         ys, final = _unroll_layerwise(
-            cell.layers, params, xs, initial_state, lengths, method, unroll, remat, hoist, fused
+            cell.layers, params, xs, initial_state, lengths, resets, method, unroll, remat, hoist, fused
         )
     else:
-        ys, final = _unroll_single(cell, params, xs, initial_state, lengths, method, unroll, remat, hoist, fused)
+        ys, final = _unroll_single(
+            cell, params, xs, initial_state, lengths, resets, method, unroll, remat, hoist, fused
+        )
     if reverse:
         ys = _reverse_time_major(ys, lengths)
     return (ys if time_major else jnp.swapaxes(ys, 0, 1)), final
 
 
-def _unroll_layerwise(layers, params, xs, initial_state, lengths, method, unroll, remat, hoist, fused):
-    """Runs a stack one layer at a time: each layer reads the whole output of the last."""
+def _unroll_layerwise(layers, params, xs, initial_state, lengths, resets, method, unroll, remat, hoist, fused):
+    """Runs a stack one layer at a time: each layer reads the whole output of the last
+    (and is reset at the same steps)."""
     finals = []
     for layer, layer_params, layer_state in zip(layers, params, initial_state):
         xs, final = _unroll_single(
-            layer, layer_params, xs, layer_state, lengths, method, unroll, remat, hoist, fused
+            layer, layer_params, xs, layer_state, lengths, resets, method, unroll, remat, hoist, fused
         )
         finals.append(final)
     return xs, tuple(finals)
@@ -167,8 +190,9 @@ def _runs_fused(cell: RNNCell, method: str, remat: bool, fused: Optional[bool]) 
     return fused is not False and cell.fused_scan is not None and method == "scan" and not remat
 
 
-def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hoist, fused):
-    """The sequential loop over time-major `xs: [T, B, I]` for one (non-stacked) cell."""
+def _unroll_single(cell, params, xs, state, lengths, resets, method, unroll, remat, hoist, fused):
+    """The sequential loop over time-major `xs: [T, B, I]` for one (non-stacked) cell;
+    `resets` is bool `[T, B]` or `None`."""
     if fused and cell.fused_scan is None:
         raise ValueError(
             f"fused=True: {cell.name} has no fused scan (lstm and gru with tanh, and basic_rnn "
@@ -177,8 +201,8 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
     if hoist is None:
         hoist = cell.linear_recurrence is not None or jax.default_backend() != "cpu"
     if hoist and method == "scan" and cell.linear_recurrence is not None:
-        return linear_unroll(cell, params, xs, state, lengths, parallel=False, unroll=unroll)
-    if _runs_fused(cell, method, remat, fused) and xs.shape[0] > 0:
+        return linear_unroll(cell, params, xs, state, lengths, resets=resets, parallel=False, unroll=unroll)
+    if resets is None and _runs_fused(cell, method, remat, fused) and xs.shape[0] > 0:
         return cell.fused_scan(params, xs, state, lengths, unroll, hoist and cell.can_hoist)
     if hoist and cell.can_hoist:
         zs = cell.input_projection(params, xs)
@@ -186,10 +210,12 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
     else:
         zs, step_fn = xs, cell.step
     batched_step = jax.vmap(step_fn, in_axes=(None, 0, 0))
+    default = None if resets is None else batched_initial_state(cell, params, xs.shape[1])
 
     def body(state, inputs_t):
-        z_t, t = inputs_t
-        new_state, y_t = batched_step(params, state, z_t)
+        z_t, t, reset_t = inputs_t
+        entering = state if resets is None else _reset(reset_t, default, state)
+        new_state, y_t = batched_step(params, entering, z_t)
         if lengths is not None:
             valid = t < lengths
             new_state = jax.tree.map(lambda n, o: _where_batch(valid, n, o), new_state, state)
@@ -198,15 +224,35 @@ def _unroll_single(cell, params, xs, state, lengths, method, unroll, remat, hois
 
     if remat:
         body = jax.checkpoint(body)
-    times = jnp.arange(xs.shape[0])
+    step_inputs = (zs, jnp.arange(xs.shape[0]), resets)
     if method == "scan" or xs.shape[0] == 0:  # zero steps: scan gives [0, B, O] outputs
-        return_state, ys = jax.lax.scan(body, state, (zs, times), unroll=unroll)
+        return_state, ys = jax.lax.scan(body, state, step_inputs, unroll=unroll)
         return ys, return_state
     outputs = []
     for t in range(xs.shape[0]):
-        state, y_t = body(state, (zs[t], times[t]))
+        state, y_t = body(state, jax.tree.map(lambda leaf: leaf[t], step_inputs))
         outputs.append(y_t)
     return jnp.stack(outputs), state
+
+
+def _reset(reset: Array, default: State, state: State) -> State:
+    """The batched `state` with example `b` replaced by `default`'s where `reset [B]`,
+    keeping the dropout keys of `state` (see `_with_keys_of`)."""
+    target = _with_keys_of(default, state)
+    return jax.tree.map(lambda new, old: _where_batch(reset, new, old), target, state)
+
+
+def _with_keys_of(default: State, running: State) -> State:
+    """`default` (the cell's initial state, its `DropoutState` keys `None`) with the key
+    of every `DropoutState`, nested ones included, taken from `running`, and its other
+    leaves cast to `running`'s dtypes: a reset starts a new episode, not new masks."""
+    is_dropout = lambda node: isinstance(node, DropoutState)
+    nodes, treedef = jax.tree.flatten(default, is_leaf=is_dropout)
+    kept = [
+        DropoutState(_with_keys_of(node.cell, run.cell), run.key) if is_dropout(node) else node.astype(run.dtype)
+        for node, run in zip(nodes, treedef.flatten_up_to(running))
+    ]
+    return jax.tree.unflatten(treedef, kept)
 
 
 def _where_batch(valid: Array, new: Array, old: Array) -> Array:
@@ -283,6 +329,21 @@ def check_lengths(lengths: Optional[Array], batch_size: int, num_steps: int) -> 
                 f"lengths must lie in [0, T]=[0, {num_steps}], got values from {values.min()} to {values.max()}."
             )
     return jnp.asarray(lengths, jnp.int32)
+
+
+def _check_resets(resets: Optional[Array], batch_size: int, num_steps: int, time_major: bool) -> Optional[Array]:
+    """Validates `resets` (bool `[B, T]`, or `[T, B]` when `time_major`) at trace time and
+    returns it time-major, `[T, B]`."""
+    if resets is None:
+        return None
+    if isinstance(resets, (list, tuple)):
+        resets = np.asarray(resets)
+    layout, shape = ("[T, B]", (num_steps, batch_size)) if time_major else ("[B, T]", (batch_size, num_steps))
+    if jnp.shape(resets) != shape:
+        raise ValueError(f"resets must have shape {layout}={list(shape)}, got shape {tuple(jnp.shape(resets))}.")
+    if jnp.result_type(resets) != jnp.bool_:
+        raise ValueError(f"resets must be a bool array, got dtype {jnp.result_type(resets)}.")
+    return jnp.asarray(resets) if time_major else jnp.swapaxes(resets, 0, 1)
 
 
 def _to_time_major(inputs: Array, time_major: bool) -> Array:
@@ -411,7 +472,7 @@ def bidirectional(
         cell's own, drawn with `rng` (which must then leave one to draw).
       merge: `"concat"` gives `[B, T, O_fw + O_bw]`; `"none"` gives the pair `(fw, bw)`.
       unroll_kwargs: passed to `unroll` (`method`, `unroll`, `remat`, `hoist`,
-        `block_size`, `fused`).
+        `block_size`, `fused`; not `resets`).
 
     Returns:
       `(outputs, (final_fw, final_bw))`.
@@ -426,6 +487,11 @@ def bidirectional(
         raise ValueError(f"initial_states must be a pair (state_fw, state_bw), either of them None, got {got}.")
     if rng is not None and all(state is not None for state in initial_states):
         raise ValueError(_RNG_OR_INITIAL_STATE)
+    if unroll_kwargs.get("resets") is not None:
+        raise ValueError(
+            "bidirectional runs take no resets: episodes are defined in forward time, and the backward run "
+            "reads each sequence from its end."
+        )
     rng_fw, rng_bw = (None, None) if rng is None else tuple(jax.random.split(rng))
     rng_fw, rng_bw = (r if state is None else None for r, state in zip((rng_fw, rng_bw), initial_states))
     if cell_fw == cell_bw and _directions_in_one_loop(cell_fw, unroll_kwargs, initial_states, (rng_fw, rng_bw)):
