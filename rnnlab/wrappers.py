@@ -241,8 +241,9 @@ def zoneout(cell: RNNCell, rate: float, *, memory_rate: Optional[float] = None) 
     are carried on, never mixed.
 
     The output `y` is the wrapped cell's output as the cell returns it, not recomputed
-    from the zoned-out state (as in the zoneout authors' own code); so for an LSTM `y`
-    can differ from the `h` carried in the state.
+    from the zoned-out state (as in the zoneout authors' own code); so for every cell,
+    in training and in evaluation, `y` can differ from the state carried on (read the
+    final state, not the last output, for what the next step sees).
 
     Randomness is that of `dropout`: `initial_state(params, rng)` stores a key (`None`
     without one, for evaluation) and `rnnlab.unroll(..., rng=key)` passes one per
@@ -253,13 +254,21 @@ def zoneout(cell: RNNCell, rate: float, *, memory_rate: Optional[float] = None) 
       cell: the cell to wrap; `x: [input_size]`, `y: [cell.output_size]`.
       rate: the probability that a unit keeps its previous value, a float in [0, 1)
         (1 would freeze the state forever); 0 is the wrapped cell.
-      memory_rate: the same for LSTM memory cells `c`; `None` means `rate`.
+      memory_rate: the same for LSTM memory cells `c`; `None` means `rate`. A
+        different value for a cell whose state has no `c` is refused (`ValueError` at
+        the first step).
 
     Params: the wrapped cell's. State: `DropoutState(cell, key)`.
     """
     rate = _zoneout_rate(rate, "rate")
     memory_rate = rate if memory_rate is None else _zoneout_rate(memory_rate, "memory_rate")
     name = f"zoneout({cell.name}, rate={rate}" + (f", memory_rate={memory_rate})" if memory_rate != rate else ")")
+
+    def _check_memory_rate(cell_state: State) -> None:
+        paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(cell_state)[0]]
+        if memory_rate != rate and not any(_is_memory_cell(path) for path in paths):
+            raise ValueError(f"{name}: memory_rate applies to LSTM memory cells (state fields named c), and "
+                             f"{cell.name} has none; drop memory_rate.")
 
     def initial_state(params: Params, rng: Optional[PRNGKey] = None) -> DropoutState:
         if rng is None:
@@ -269,6 +278,7 @@ def zoneout(cell: RNNCell, rate: float, *, memory_rate: Optional[float] = None) 
 
     def wrap(inner_step: Callable[[Params, State, Array], tuple[State, Array]]):
         def wrapped(params: Params, state: DropoutState, x: Array) -> tuple[DropoutState, Array]:
+            _check_memory_rate(state.cell)
             candidate, y = inner_step(params, state.cell, x)
             if state.key is None:
                 return DropoutState(_zoneout_state(None, state.cell, candidate, rate, memory_rate), None), y

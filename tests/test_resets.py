@@ -307,9 +307,19 @@ def test_bad_resets_raise_one_line_errors(options: dict[str, Any], match: str) -
     cell, params, xs, _ = case("lstm")
     if options.get("time_major"):
         xs = jnp.swapaxes(xs, 0, 1)[:, :2]  # [T, B=2, I]: resets [B=3, T] do not fit
-    with pytest.raises(ValueError, match=match) as error:
+    error_type = TypeError if "dtype" in match else ValueError  # as for lengths
+    with pytest.raises(error_type, match=match) as error:
         rnnlab.unroll(cell, params, xs, **options)
     assert "\n" not in str(error.value)
+
+
+def test_resets_as_python_lists_including_an_empty_window() -> None:
+    cell, params, xs, _ = case("gru")
+    ys, _ = rnnlab.unroll(cell, params, xs, resets=RESETS.tolist())
+    np.testing.assert_array_equal(ys, rnnlab.unroll(cell, params, xs, resets=RESETS)[0])
+    empty, final = rnnlab.unroll(cell, params, xs[:, :0], resets=[[] for _ in range(B)])  # T = 0
+    assert empty.shape == (B, 0, cell.output_size)
+    assert_trees_close(final, rnnlab.batched_initial_state(cell, params, B), 0.0, 0.0)
 
 
 def test_bidirectional_runs_refuse_resets() -> None:

@@ -471,3 +471,15 @@ def test_invalid_rates_raise_a_one_line_value_error(argument: str, value: Any) -
     with pytest.raises(ValueError, match=rf"^{argument} must be a zoneout rate \(a float in \[0, 1\)\)") as error:
         rnnlab.zoneout(lstm(3), **kwargs)
     assert "\n" not in str(error.value)
+
+
+def test_a_memory_rate_for_a_cell_without_memory_cells_is_refused_at_the_first_step() -> None:
+    xs = jax.random.normal(KEY, (2, 3, I))
+    for cell in (gru(3), rnnlab.stack([gru(3), basic_rnn(2)])):
+        wrapped = rnnlab.zoneout(cell, 0.1, memory_rate=0.5)
+        with pytest.raises(ValueError, match=r"memory_rate applies to LSTM memory cells .* drop memory_rate") as error:
+            rnnlab.unroll(wrapped, wrapped.init(KEY, I), xs)
+        assert "\n" not in str(error.value)
+    for cell in (gru(3), rnnlab.stack([gru(3), lstm(2)])):  # the same rate twice, or a stack with an LSTM
+        wrapped = rnnlab.zoneout(cell, 0.1, memory_rate=0.1 if cell.layers is None else 0.5)
+        rnnlab.unroll(wrapped, wrapped.init(KEY, I), xs)
