@@ -1,9 +1,9 @@
 """`rnnlab.unroll(..., resets=...)`: episode starts inside a window of a stream.
 
-The reference (`reset_reference`) is a Python loop over examples and steps built from
-the cell contract alone: before a valid step `t` with `resets[b, t]`, the state becomes
-`cell.initial_state(params)` (dropout keys kept from the running state), then
-`cell.step`; past `lengths[b]` nothing happens and the output is zero. Every method
+The reference (`test_unroll.loop_reference`) is a Python loop over examples and steps
+built from the cell contract alone: before a valid step `t` with `resets[b, t]`, the
+state becomes `cell.initial_state(params)` (dropout keys kept from the running state),
+then `cell.step`; past `lengths[b]` nothing happens and the output is zero. Every method
 (the generic loop, fused cells, hoisted and associative linear scans, stacks) must give
 its numbers, and the same gradients.
 """
@@ -24,8 +24,7 @@ import rnnlab.linen
 import rnnlab.nnx
 from rnnlab.cells import basic_rnn, gru, lru, lstm, min_gru, min_lstm
 from rnnlab.cells.base import RNNCell
-from rnnlab.wrappers import DropoutState
-from test_unroll import assert_trees_close
+from test_unroll import assert_trees_close, loop_reference
 
 B, T, I = 3, 7, 4
 # Example 0 starts a new episode at t=0 and again at t=3; example 1 resets at t=2 and,
@@ -81,54 +80,13 @@ def case(name: str) -> tuple[RNNCell, Any, jax.Array, Any]:
     return cell, params, xs, jax.tree.unflatten(treedef, carried)
 
 
-def reset_to(default: Any, running: Any) -> Any:
-    """The reference's reset of one example: `default`, with the key of every
-    `DropoutState` (in a stack's layers too) taken from `running`."""
-    if isinstance(running, DropoutState):
-        return DropoutState(reset_to(default.cell, running.cell), running.key)
-    if type(running) is tuple:  # a stack's layers
-        return tuple(map(reset_to, default, running))
-    return default
-
-
-def reset_reference(
-    cell: RNNCell,
-    params: Any,
-    inputs: jax.Array,
-    resets: np.ndarray,
-    *,
-    lengths: Optional[np.ndarray] = None,
-    initial_state: Any = None,
-    rng: Optional[jax.Array] = None,
-) -> tuple[np.ndarray, Any]:
-    """The specification, one example and one step at a time (inputs `[B, T, I]`).
-
-    Returns `(outputs [B, T, O], final state with a leading [B] axis)`."""
-    step = jax.jit(cell.step)
-    keys = None if rng is None else jax.random.split(rng, B)
-    outputs = np.zeros((B, T, cell.output_size), np.float32)
-    finals = []
-    for b in range(B):
-        if initial_state is not None:
-            state = jax.tree.map(lambda leaf: leaf[b], initial_state)
-        else:
-            state = cell.initial_state(params, None if keys is None else keys[b])
-        for t in range(T if lengths is None else int(lengths[b])):
-            if resets[b, t]:
-                state = reset_to(cell.initial_state(params), state)
-            state, y = step(params, state, inputs[b, t])
-            outputs[b, t] = np.asarray(y)
-        finals.append(state)
-    return outputs, jax.tree.map(lambda *leaves: jnp.stack(leaves), *finals)
-
-
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths_and_initial_state"])
 @pytest.mark.parametrize("name", list(CELLS))
 def test_unroll_with_resets_equals_the_reference_loop(name: str, with_lengths: bool) -> None:
     cell, params, xs, carried = case(name)
     options = dict(lengths=LENGTHS, initial_state=carried) if with_lengths else {}
     ys, final = rnnlab.unroll(cell, params, xs, resets=RESETS, **options)
-    expected_ys, expected_final = reset_reference(cell, params, xs, RESETS, **options)
+    expected_ys, expected_final = loop_reference(cell, params, xs, resets=RESETS, **options)
     np.testing.assert_allclose(ys, expected_ys, rtol=RTOL, atol=ATOL)
     assert_trees_close(final, expected_final, RTOL, ATOL)
     if with_lengths:  # zero outputs past each length
@@ -231,7 +189,7 @@ def test_time_major_resets_are_t_by_b() -> None:
         cell, params, jnp.swapaxes(xs, 0, 1), resets=RESETS.T, lengths=LENGTHS, initial_state=carried,
         time_major=True,
     )
-    expected_ys, expected_final = reset_reference(cell, params, xs, RESETS, lengths=LENGTHS, initial_state=carried)
+    expected_ys, expected_final = loop_reference(cell, params, xs, resets=RESETS, lengths=LENGTHS, initial_state=carried)
     np.testing.assert_allclose(jnp.swapaxes(ys, 0, 1), expected_ys, rtol=RTOL, atol=ATOL)
     assert_trees_close(final, expected_final, RTOL, ATOL)
 
@@ -256,7 +214,7 @@ def test_dropout_and_zoneout_keys_are_kept_by_a_reset(name: str, method: str) ->
     xs = jax.random.normal(jax.random.PRNGKey(1), (B, T, I))
     rng = jax.random.PRNGKey(7)
     ys, final = rnnlab.unroll(cell, params, xs, resets=RESETS, lengths=LENGTHS, rng=rng, method=method)
-    expected_ys, expected_final = reset_reference(cell, params, xs, RESETS, lengths=LENGTHS, rng=rng)
+    expected_ys, expected_final = loop_reference(cell, params, xs, resets=RESETS, lengths=LENGTHS, rng=rng)
     np.testing.assert_allclose(ys, expected_ys, rtol=RTOL, atol=ATOL)
     assert_trees_close(final, expected_final, RTOL, ATOL)
 
@@ -286,7 +244,7 @@ def test_resets_under_jit_equal_eager() -> None:
         return rnnlab.unroll(cell, params, xs, resets=resets, lengths=LENGTHS, method="associative")
 
     ys, final = run(params, xs, jnp.asarray(RESETS))
-    expected_ys, expected_final = reset_reference(cell, params, xs, RESETS, lengths=LENGTHS)
+    expected_ys, expected_final = loop_reference(cell, params, xs, resets=RESETS, lengths=LENGTHS)
     np.testing.assert_allclose(ys, expected_ys, rtol=RTOL, atol=ATOL)
     assert_trees_close(final, expected_final, RTOL, ATOL)
 

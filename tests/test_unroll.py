@@ -23,6 +23,7 @@ from rnnlab.cells.base import RNNCell
 from rnnlab.cells.gru import gru
 from rnnlab.cells.lstm import LSTMState, lstm
 from rnnlab.cells.rnn import basic_rnn
+from rnnlab.wrappers import DropoutState
 
 I, B, T = 3, 4, 7
 LENGTHS = np.array([7, 0, 4, 1], np.int32)  # full, empty, partial, a single step
@@ -51,6 +52,7 @@ def loop_reference(
     reverse: bool = False,
     initial_state: Any = None,
     rng: Optional[jax.Array] = None,
+    resets: Optional[np.ndarray] = None,
 ) -> tuple[np.ndarray, Any]:
     """The specification of `rnnlab.unroll`, one example and one step at a time.
 
@@ -58,7 +60,9 @@ def loop_reference(
     (`initial_state[b]`, else `cell.initial_state(params, key_b)` with `key_b` the b-th
     key of `jax.random.split(rng, B)`), step over `x[b, 0..n-1]` (or `x[b, n-1..0]` when
     `reverse`) and write each output at the time index it was read from. Outputs at
-    `t >= n` stay zero; the final state is the state after the last valid step.
+    `t >= n` stay zero; the final state is the state after the last valid step. Before
+    a step `t` with `resets[b, t]` (bool `[B, T]`), the state becomes
+    `cell.initial_state(params)` with the running state's dropout keys (`reset_to`).
 
     Args:
       inputs: batch-major `[B, T, I]`.
@@ -78,10 +82,22 @@ def loop_reference(
             state = cell.initial_state(params, None if keys is None else keys[b])
         n = steps if lengths is None else int(lengths[b])
         for t in (range(n - 1, -1, -1) if reverse else range(n)):
+            if resets is not None and resets[b, t]:
+                state = reset_to(cell.initial_state(params), state)
             state, y = step(params, state, inputs[b, t])
             outputs[b, t] = np.asarray(y)
         finals.append(state)
     return outputs, jax.tree.map(lambda *leaves: jnp.stack(leaves), *finals)
+
+
+def reset_to(default: Any, running: Any) -> Any:
+    """The reference's reset of one example: `default`, with the key of every
+    `DropoutState` (in a stack's layers too) taken from `running`."""
+    if isinstance(running, DropoutState):
+        return DropoutState(reset_to(default.cell, running.cell), running.key)
+    if type(running) is tuple:  # a stack's layers
+        return tuple(map(reset_to, default, running))
+    return default
 
 
 def assert_trees_close(actual: Any, expected: Any, rtol: float, atol: float = ATOL) -> None:
