@@ -99,7 +99,7 @@ class _Adapter(nnx.Module):
     @property
     def params(self) -> Params:
         """The params as plain arrays, in the structure `cell.init` returns."""
-        return jax.tree.map(lambda v: v[...], self.cell_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return jax.tree.map(lambda v: v.get_value(), self.cell_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
     def set_view(self, deterministic: Optional[bool] = None) -> None:
         """Lets `nnx.view(model, deterministic=...)` set `deterministic`."""

@@ -293,3 +293,11 @@ def test_bad_cells_options_and_input_sizes_are_refused_clearly() -> None:
     both = rnnlab.nnx.Bidirectional(lstm(3), gru(2), I, rngs=rngs)
     with pytest.raises(ValueError, match="built with input_size=4"):
         nnx.jit(lambda m, x: m(x))(both, jnp.zeros((B, T, 2)))
+
+
+def test_params_of_an_abstract_module_are_shapes() -> None:
+    cell = gru(3)
+    abstract = nnx.eval_shape(lambda: rnnlab.nnx.RNN(cell, I, rngs=nnx.Rngs(0)))
+    expected = jax.eval_shape(lambda key: cell.init(key, I), jax.random.PRNGKey(0))
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract.params) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), expected)
