@@ -34,12 +34,12 @@ time, not both.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 
-from rnnlab.cells.base import Array, Params, RNNCell, State
+from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, State
 from rnnlab.unroll import bidirectional as _bidirectional
 from rnnlab.unroll import unroll as _unroll
 from rnnlab.wrappers import without_dropout_keys
@@ -57,6 +57,21 @@ def uses_randomness(cell: RNNCell, params: Params) -> bool:
     with_key = jax.eval_shape(lambda p, k: cell.initial_state(p, k), params, key)
     without_key = jax.eval_shape(lambda p: cell.initial_state(p), params)
     return jax.tree.structure(with_key) != jax.tree.structure(without_key)
+
+
+def call_states_and_rng(
+    dropout_on: bool, states: Sequence[Optional[State]], draw_key: Callable[[], PRNGKey]
+) -> tuple[Sequence[Optional[State]], Optional[PRNGKey]]:
+    """The initial states (one per direction, `None` where not given) and the rng that
+    a module's call passes to the unroll: with dropout on, a key from `draw_key()`
+    when some state is not given (a given state brings its own keys); with dropout
+    off, no key, and the given states without their dropout keys, so that a state
+    carried from training is evaluated without dropout. The rule of the linen and the
+    NNX modules alike."""
+    rng = draw_key() if dropout_on and any(state is None for state in states) else None
+    if not dropout_on:
+        states = tuple(None if state is None else without_dropout_keys(state) for state in states)
+    return states, rng
 
 
 class _RNNBase(nn.Module):
@@ -138,9 +153,7 @@ class RNN(_RNNBase):
         input_size = inputs.shape[-1]
         params = self.param("cell", lambda key: self.cell.init(key, input_size))
         dropout_on = self._dropout_on([(self.cell, params)], deterministic)
-        rng = self.make_rng("dropout") if dropout_on and initial_state is None else None
-        if initial_state is not None and not dropout_on:
-            initial_state = without_dropout_keys(initial_state)
+        (initial_state,), rng = call_states_and_rng(dropout_on, (initial_state,), lambda: self.make_rng("dropout"))
         outputs, final = _unroll(
             self.cell,
             params,
@@ -200,10 +213,7 @@ class Bidirectional(_RNNBase):
             "bw": self.param("bw", lambda key: self.cell_bw.init(key, input_size)),
         }
         dropout_on = self._dropout_on([(self.cell_fw, params["fw"]), (self.cell_bw, params["bw"])], deterministic)
-        # the rng draws only the states not given
-        rng = self.make_rng("dropout") if dropout_on and any(state is None for state in initial_states) else None
-        if not dropout_on:
-            initial_states = tuple(None if s is None else without_dropout_keys(s) for s in initial_states)
+        initial_states, rng = call_states_and_rng(dropout_on, initial_states, lambda: self.make_rng("dropout"))
         outputs, finals = _bidirectional(
             self.cell_fw,
             self.cell_bw,

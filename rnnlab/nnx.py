@@ -48,10 +48,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, State
-from rnnlab.linen import uses_randomness
+from rnnlab.linen import call_states_and_rng, uses_randomness
 from rnnlab.unroll import bidirectional as _bidirectional
 from rnnlab.unroll import unroll as _unroll
-from rnnlab.wrappers import without_dropout_keys
 
 # Call-time sources of the dropout key: an `nnx.Rngs` (its "dropout" stream), a
 # stream, or a key.
@@ -210,9 +209,7 @@ class RNN(_Adapter):
         """
         self._check_inputs(inputs)
         dropout_on = self._dropout_on(deterministic)
-        rng = self._dropout_key(rngs) if dropout_on and initial_state is None else None
-        if initial_state is not None and not dropout_on:
-            initial_state = without_dropout_keys(initial_state)
+        (initial_state,), rng = call_states_and_rng(dropout_on, (initial_state,), lambda: self._dropout_key(rngs))
         outputs, final = _unroll(
             self.cell,
             self.params,
@@ -294,10 +291,7 @@ class Bidirectional(_Adapter):
         """
         self._check_inputs(inputs)
         dropout_on = self._dropout_on(deterministic)
-        # the key draws only the states not given
-        rng = self._dropout_key(rngs) if dropout_on and any(s is None for s in initial_states) else None
-        if not dropout_on:
-            initial_states = tuple(None if s is None else without_dropout_keys(s) for s in initial_states)
+        initial_states, rng = call_states_and_rng(dropout_on, initial_states, lambda: self._dropout_key(rngs))
         outputs, finals = _bidirectional(
             self.cell_fw,
             self.cell_bw,
