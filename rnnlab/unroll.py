@@ -105,9 +105,9 @@ def unroll(
         the same loop with a hand-written backward pass that computes the weight
         gradients after the loop, in one matmul each (and, with `hoist`, the input
         projection before it). `None` (default): whenever the step is not
-        rematerialised and there are no `resets` (a train step on 2 CPU cores measured 1.03-1.48x faster at
-        seven shapes, 0.9x at B=128, T=28, H=128; on an H200 GPU, hoisted, 1.48-1.55x;
-        docs/benchmarks.md); `True`: require it; `False`: autodiff of the step. The
+        rematerialised and there are no `resets` (a train step on 2 CPU cores measured
+        1.03-1.48x faster at seven shapes, 0.9x at B=128, T=28, H=128; on an H200 GPU,
+        hoisted, 1.48-1.55x; docs/benchmarks.md); `True`: require it; `False`: autodiff of the step. The
         fused scan is differentiated in reverse mode only (`jax.grad`, `jax.vjp`,
         nested, and `jax.hessian`); for `jax.jvp` or `jax.jacfwd` straight through the
         unroll pass `fused=False`.
