@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -100,6 +101,15 @@ class DropoutState(NamedTuple):
     key: Optional[PRNGKey]
 
 
+def _keyed_initial_state(cell: RNNCell, params: Params, rng: Optional[PRNGKey] = None) -> DropoutState:
+    """The initial state of a `dropout` or `zoneout` wrapper of `cell`: the cell's, and
+    a key split from `rng` (`None` without one: evaluation)."""
+    if rng is None:
+        return DropoutState(cell.initial_state(params), None)
+    cell_rng, wrapper_rng = jax.random.split(rng)
+    return DropoutState(cell.initial_state(params, cell_rng), wrapper_rng)
+
+
 def _keep_probability(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be a keep probability in (0, 1], got {value!r}.")
@@ -159,12 +169,6 @@ def dropout(
         ", variational)" if variational else ")"
     )
 
-    def initial_state(params: Params, rng: Optional[PRNGKey] = None) -> DropoutState:
-        if rng is None:
-            return DropoutState(cell.initial_state(params), None)
-        cell_rng, dropout_rng = jax.random.split(rng)
-        return DropoutState(cell.initial_state(params, cell_rng), dropout_rng)
-
     def step_keys(key: PRNGKey) -> tuple[PRNGKey, tuple[PRNGKey, PRNGKey, PRNGKey]]:
         """The key to carry on and the (input, output, state) keys of this step."""
         if variational:
@@ -189,7 +193,7 @@ def dropout(
     hoistable = cell.can_hoist and input_keep == 1.0
     return RNNCell(
         init=cell.init,
-        initial_state=initial_state,
+        initial_state=functools.partial(_keyed_initial_state, cell),
         step=wrap(cell.step, drop_input=True),
         output_size=cell.output_size,
         name=name,
@@ -270,12 +274,6 @@ def zoneout(cell: RNNCell, rate: float, *, memory_rate: Optional[float] = None) 
             raise ValueError(f"{name}: memory_rate applies to LSTM memory cells (state fields named c), and "
                              f"{cell.name} has none; drop memory_rate.")
 
-    def initial_state(params: Params, rng: Optional[PRNGKey] = None) -> DropoutState:
-        if rng is None:
-            return DropoutState(cell.initial_state(params), None)
-        cell_rng, zoneout_rng = jax.random.split(rng)
-        return DropoutState(cell.initial_state(params, cell_rng), zoneout_rng)
-
     def wrap(inner_step: Callable[[Params, State, Array], tuple[State, Array]]):
         def wrapped(params: Params, state: DropoutState, x: Array) -> tuple[DropoutState, Array]:
             _check_memory_rate(state.cell)
@@ -289,7 +287,7 @@ def zoneout(cell: RNNCell, rate: float, *, memory_rate: Optional[float] = None) 
 
     return RNNCell(
         init=cell.init,
-        initial_state=initial_state,
+        initial_state=functools.partial(_keyed_initial_state, cell),
         step=wrap(cell.step),
         output_size=cell.output_size,
         name=name,
