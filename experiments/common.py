@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -116,6 +117,14 @@ def check_non_negative_int(config: ml_collections.ConfigDict, name: str, meaning
     value = config[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"config.{name} must be an integer >= 0{meaning}, got {value!r}.")
+
+
+def check_positive_finite(config: ml_collections.ConfigDict, name: str) -> None:
+    """Raises a one-line `ValueError` unless `config[name]` is a finite number > 0
+    (NaN fails too)."""
+    value = config[name]
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"config.{name} must be a finite number > 0, got {value!r}.")
 
 
 def check_keep_probability(config: ml_collections.ConfigDict, name: str) -> None:

@@ -28,7 +28,6 @@ as fast as the other params.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Any, Optional
 
@@ -153,8 +152,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_positive_int(config.num_layers, "config.num_layers")
     if not 0.0 <= config.dropout < 1.0:  # NaN fails too
         raise ValueError(f"config.dropout must be a drop rate in [0, 1), got {config.dropout!r}.")
-    if not 0.0 < config.recurrent_lr_factor < math.inf:
-        raise ValueError(f"config.recurrent_lr_factor must be a finite number > 0, got {config.recurrent_lr_factor!r}.")
+    common.check_positive_finite(config, "recurrent_lr_factor")
 
 
 def pixel_order(config: ml_collections.ConfigDict) -> np.ndarray:

@@ -84,12 +84,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     series fields.)"""
     for name in ("num_points", "window", "num_units", "unroll"):
         check_positive_int(config[name], f"config.{name}")
-    if not 0.0 < config.dt < math.inf:
-        raise ValueError(f"config.dt must be a finite number > 0, got {config.dt!r}.")
+    common.check_positive_finite(config, "dt")
     if not 0.0 <= config.noise_std < math.inf:
         raise ValueError(f"config.noise_std must be a finite number >= 0, got {config.noise_std!r}.")
-    if isinstance(config.series_seed, bool) or not isinstance(config.series_seed, int) or config.series_seed < 0:
-        raise ValueError(f"config.series_seed must be an integer >= 0, got {config.series_seed!r}.")
+    common.check_non_negative_int(config, "series_seed")
 
 
 def _floats(config: ml_collections.ConfigDict, name: str) -> Optional[list[float]]:
