@@ -122,17 +122,13 @@ def list_experiments() -> str:
 def config_help(experiment: str, config) -> str:
     """`--helpfull`'s text for `--config`: every field of `config` (nested ones by
     their dotted path) as the shell argument that sets it to its default value."""
-    def lines(tree: dict, prefix: str) -> list[str]:
-        found = []
-        for key, value in sorted(tree.items()):
-            if isinstance(value, dict):
-                found += lines(value, f"{prefix}{key}.")
-            elif prefix + key != "experiment":  # set by --experiment
-                found.append(f"--config.{prefix}{key}={shell_word(value)}")
-        return found
+    from rnnlab.train import flat_fields
 
+    fields = flat_fields(config.to_dict())
+    lines = [f"--config.{path}={shell_word(value)}" for path, value in sorted(fields.items())
+             if path != "experiment"]  # set by --experiment
     return "\n".join([f"The config of --experiment={experiment}; override a field with --config.FIELD=VALUE. "
-                      "Fields and their defaults, as shell arguments:", *lines(config.to_dict(), "")])
+                      "Fields and their defaults, as shell arguments:", *lines])
 
 
 def shell_word(value) -> str:

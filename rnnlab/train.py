@@ -658,10 +658,10 @@ def _warn_of_config_changes(path: str, config_json: dict[str, Any], may_change: 
     learning rate. Fields the file lacks (added to a config since) are not compared."""
     try:
         with open(path) as f:
-            before = _flat(json.load(f))
+            before = flat_fields(json.load(f))
     except (OSError, ValueError):
         return  # no readable record of the earlier config: nothing to compare
-    after = _flat(config_json)
+    after = flat_fields(config_json)
     changed = [f"{name}: {before[name]!r} -> {after[name]!r}" if name in after else f"{name}: {before[name]!r} -> unset"
                for name in sorted(before)
                if not is_field_within(name, may_change) and (name not in after or after[name] != before[name])]
@@ -676,11 +676,12 @@ def is_field_within(path: str, fields: Sequence[str]) -> bool:
     return any(path == field or path.startswith(field + ".") for field in fields)
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"a.b": value}` for the leaves of nested dicts."""
+def flat_fields(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"a.b": value}` for the leaves of nested dicts (a config's `to_dict()`, or its
+    JSON): every field by its dotted path."""
     if not isinstance(tree, dict):
         return {prefix[:-1]: tree}
-    return {name: value for key, child in tree.items() for name, value in _flat(child, f"{prefix}{key}.").items()}
+    return {name: value for key, child in tree.items() for name, value in flat_fields(child, f"{prefix}{key}.").items()}
 
 
 class _Spent(NamedTuple):
