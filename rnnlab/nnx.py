@@ -92,8 +92,21 @@ def _dropout_stream(rngs: nnx.Rngs) -> Optional[nnx.RngStream]:
 
 
 class _Adapter(nnx.Module):
-    """What `RNN` and `Bidirectional` share: the params view and the dropout rules.
-    Subclasses set `cell_params`, `input_size`, `random`, `deterministic` and `rngs`."""
+    """What `RNN` and `Bidirectional` share: the params and options they hold, the
+    params view and the dropout rules."""
+
+    def _hold(self, params: Params, random: bool, rngs: nnx.Rngs, input_size: int, return_state: bool,
+              time_major: bool, deterministic: Optional[bool], unroll_options: dict[str, Any]) -> None:
+        """Keeps the constructor's arguments; `params` as `nnx.Param`s, and a dropout
+        stream of its own when some cell is `random`."""
+        self.input_size = input_size
+        self.return_state = return_state
+        self.time_major = time_major
+        self.deterministic = deterministic
+        self.unroll_options = unroll_options
+        self.cell_params = nnx.data(jax.tree.map(nnx.Param, params))
+        self.random = random
+        self.rngs = nnx.data(_dropout_stream(rngs) if random else None)
 
     @property
     def params(self) -> Params:
@@ -178,16 +191,10 @@ class RNN(_Adapter):
         _check_cell("RNN", "cell", cell)
         _check_rngs("RNN", rngs)
         _check_options("RNN", unroll_options, _UNROLL_OPTIONS)
-        params = cell.init(rngs.params(), input_size)
         self.cell = cell
-        self.input_size = input_size
-        self.return_state = return_state
-        self.time_major = time_major
-        self.deterministic = deterministic
-        self.unroll_options = unroll_options
-        self.cell_params = nnx.data(jax.tree.map(nnx.Param, params))
-        self.random = uses_randomness(cell, params)
-        self.rngs = nnx.data(_dropout_stream(rngs) if self.random else None)
+        params = cell.init(rngs.params(), input_size)
+        self._hold(params, uses_randomness(cell, params), rngs, input_size, return_state, time_major, deterministic,
+                   unroll_options)
 
     def __call__(
         self,
@@ -262,18 +269,10 @@ class Bidirectional(_Adapter):
         _check_options("Bidirectional", unroll_options, _UNROLL_OPTIONS - {"reverse"})
         if merge not in ("concat", "none"):
             raise ValueError(f"merge must be 'concat' or 'none', got {merge!r}.")
+        self.cell_fw, self.cell_bw, self.merge = cell_fw, cell_bw, merge
         params = {"fw": cell_fw.init(rngs.params(), input_size), "bw": cell_bw.init(rngs.params(), input_size)}
-        self.cell_fw = cell_fw
-        self.cell_bw = cell_bw
-        self.input_size = input_size
-        self.merge = merge
-        self.return_state = return_state
-        self.time_major = time_major
-        self.deterministic = deterministic
-        self.unroll_options = unroll_options
-        self.cell_params = nnx.data(jax.tree.map(nnx.Param, params))
-        self.random = uses_randomness(cell_fw, params["fw"]) or uses_randomness(cell_bw, params["bw"])
-        self.rngs = nnx.data(_dropout_stream(rngs) if self.random else None)
+        random = uses_randomness(cell_fw, params["fw"]) or uses_randomness(cell_bw, params["bw"])
+        self._hold(params, random, rngs, input_size, return_state, time_major, deterministic, unroll_options)
 
     def __call__(
         self,
