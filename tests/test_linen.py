@@ -27,7 +27,7 @@ def inputs(seed: int = 0) -> jax.Array:
     return jax.random.normal(jax.random.PRNGKey(seed), (B, T, I))
 
 
-@pytest.mark.parametrize(
+MODULE_CASES = pytest.mark.parametrize(
     "cell_factory, options",
     [
         (lambda: lstm(5, peepholes=True, num_proj=3), dict(method="scan", unroll=2)),
@@ -35,6 +35,10 @@ def inputs(seed: int = 0) -> jax.Array:
     ],
     ids=["lstm_scan_unroll2", "stack_static_reverse"],
 )
+"""Cells and unroll options the Flax modules (linen here, NNX in test_nnx) are checked with."""
+
+
+@MODULE_CASES
 def test_rnn_module_equals_rnnlab_unroll_with_the_same_params(cell_factory, options: dict[str, Any]) -> None:
     cell = cell_factory()
     module = RNN(cell, return_state=True, **options)

@@ -16,6 +16,7 @@ import rnnlab.nnx
 from rnnlab.cells.gru import gru
 from rnnlab.cells.lstm import lstm
 from rnnlab.cells.rnn import basic_rnn
+from test_linen import MODULE_CASES
 from test_unroll import assert_trees_equal
 
 B, T, I = 3, 6, 4
@@ -30,14 +31,7 @@ def dropout_lstm(width: int = 8) -> rnnlab.RNNCell:
     return rnnlab.dropout(lstm(width), input_keep=0.7, output_keep=0.7)
 
 
-@pytest.mark.parametrize(
-    "cell_factory, options",
-    [
-        (lambda: lstm(5, peepholes=True, num_proj=3), dict(method="scan", unroll=2)),
-        (lambda: rnnlab.stack([lstm(5), gru(4)]), dict(method="static", reverse=True)),
-    ],
-    ids=["lstm_scan_unroll2", "stack_static_reverse"],
-)
+@MODULE_CASES
 def test_rnn_module_equals_rnnlab_unroll_with_the_same_params(cell_factory, options: dict[str, Any]) -> None:
     cell = cell_factory()
     model = rnnlab.nnx.RNN(cell, I, rngs=nnx.Rngs(params=1), return_state=True, **options)
