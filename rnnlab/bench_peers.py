@@ -31,6 +31,7 @@ PEER_LABELS = {
     "flax_lstm": "Flax nn.RNN(LSTMCell)",
     "flax_optimized_lstm": "Flax nn.RNN(OptimizedLSTMCell)",
     "haiku_lstm": "Haiku dynamic_unroll(LSTM)",
+    "keras_lstm": "Keras 3 LSTM (JAX backend)",
     "torch_lstm": "PyTorch nn.LSTM",
 }
 
@@ -76,6 +77,7 @@ def build_peer(
         "flax_lstm": lambda *a: _flax(False, *a),
         "flax_optimized_lstm": lambda *a: _flax(True, *a),
         "haiku_lstm": _haiku,
+        "keras_lstm": _keras,
         "torch_lstm": lambda *a: _torch(torch_threads or os.cpu_count() or 1, *a),
     }
     if name not in builders:
@@ -158,6 +160,38 @@ def _haiku(mode: str, weights: LSTMWeights, x: np.ndarray, labels: np.ndarray) -
     }
     _check_same_structure(jax.eval_shape(model.init, _key(), x), params, "haiku")
     return _jax_classifier_program(model.apply, params, mode, x, labels)
+
+
+def _keras(mode: str, weights: LSTMWeights, x: np.ndarray, labels: np.ndarray) -> Program:
+    """Keras 3's `layers.LSTM` (gates `i, f, c, o`) on its JAX backend, called through
+    `Model.stateless_call` so that the step is jitted like the other JAX peers'.
+
+    Keras fixes its backend when first imported: this sets `KERAS_BACKEND=jax` unless
+    the environment already names one, and refuses a Keras imported on another backend.
+    """
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(
+            f"Keras runs on its {keras.backend.backend()!r} backend in this process; the keras_lstm "
+            "peer needs KERAS_BACKEND=jax before Keras is first imported."
+        )
+    num_units, num_classes = weights.w_h.shape[0], weights.head_w.shape[1]
+    inputs = keras.Input(x.shape[1:])
+    outputs = keras.layers.LSTM(num_units, return_sequences=True, name="lstm")(inputs)
+    model = keras.Model(inputs, [outputs, keras.layers.Dense(num_classes, name="head")(outputs[:, -1])])
+    order = "ifjo"  # Keras's i, f, c, o
+    params = [
+        np.concatenate([weights.gate(weights.w_x, g) for g in order], 1),
+        np.concatenate([weights.gate(weights.w_h, g) for g in order], 1),
+        np.concatenate([weights.bias(g) for g in order]),
+        weights.head_w,
+        weights.head_b,
+    ]
+    _check_same_structure([variable.value for variable in model.trainable_variables], params, "keras")
+    state = [variable.value for variable in model.non_trainable_variables]  # its dropout seed, unused
+    return _jax_classifier_program(lambda p, x: model.stateless_call(p, state, x)[0], params, mode, x, labels)
 
 
 def _torch(threads: int, mode: str, weights: LSTMWeights, x: np.ndarray, labels: np.ndarray) -> Program:

@@ -4,6 +4,7 @@ before timing, skipped peers and methods, the experiment entry point."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 
@@ -110,6 +111,21 @@ def test_missing_peer_and_inapplicable_methods_are_skipped(forward_run):
     short, long = sorted(records(payload, target="lstm/static"), key=lambda r: r["shape"]["seq_len"])
     assert short["status"] == "ok"
     assert long["status"] == "skipped" and "predicted compile" in long["note"]
+
+
+def test_the_keras_peer_matches_rnnlab_and_refuses_keras_on_another_backend(monkeypatch):
+    if importlib.util.find_spec("keras") is None:  # importing it here would fix its backend
+        pytest.skip("Keras is not installed")
+    config = tiny(methods="scan", peers="keras_lstm", modes="forward,train", matmul_floor=False)
+    for record in records(bench.run_benchmark(config, log=quiet), target="peer/keras_lstm"):
+        assert record["status"] == "ok" and record["check"]["passed"], record
+        assert record["check"]["compared"] == (["outputs"] if record["mode"] == "forward" else ["loss"])
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "tensorflow")
+    (refused,) = records(bench.run_benchmark(dataclasses.replace(config, modes="forward"), log=quiet),
+                         target="peer/keras_lstm")
+    assert refused["status"] == "error" and "needs KERAS_BACKEND=jax" in refused["note"]
 
 
 def test_a_long_first_static_length_is_predicted_from_a_probe_compile():

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, NamedTuple, Optional
 
 MODES = ("forward", "train")
-PEERS = ("flax_lstm", "flax_optimized_lstm", "haiku_lstm", "torch_lstm")
+PEERS = ("flax_lstm", "flax_optimized_lstm", "haiku_lstm", "keras_lstm", "torch_lstm")
 VARIANTS = ("lengths", "bidirectional")
 UNROLL_OPTIONS = ("unroll", "hoist", "remat", "time_major", "block_size", "fused")
 INTEGER_OPTIONS = ("unroll", "block_size")
