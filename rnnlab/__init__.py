@@ -12,7 +12,15 @@ from rnnlab.unroll import (
     stacked_bidirectional,
     unroll,
 )
-from rnnlab.wrappers import DropoutState, dropout, new_dropout_keys, residual, stack, zoneout
+from rnnlab.wrappers import (
+    DropoutState,
+    dropout,
+    new_dropout_keys,
+    residual,
+    stack,
+    trainable_initial_state,
+    zoneout,
+)
 
 __all__ = [
     "DropoutState",
@@ -30,6 +38,7 @@ __all__ = [
     "reverse_sequence",
     "stack",
     "stacked_bidirectional",
+    "trainable_initial_state",
     "unroll",
     "zoneout",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 
 from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, State
 from rnnlab.linear_unroll import linear_unroll
-from rnnlab.wrappers import DropoutState
+from rnnlab.wrappers import with_dropout_keys_of
 
 METHODS = ("scan", "static", "associative")
 
@@ -238,22 +238,9 @@ def _unroll_single(cell, params, xs, state, lengths, resets, method, unroll, rem
 
 def _reset(reset: Array, default: State, state: State) -> State:
     """The batched `state` with example `b` replaced by `default`'s where `reset [B]`,
-    keeping the dropout keys of `state` (see `_with_keys_of`)."""
-    target = _with_keys_of(default, state)
+    keeping the dropout keys of `state` (see `with_dropout_keys_of`)."""
+    target = with_dropout_keys_of(default, state)
     return jax.tree.map(lambda new, old: _where_batch(reset, new, old), target, state)
-
-
-def _with_keys_of(default: State, running: State) -> State:
-    """`default` (the cell's initial state, its `DropoutState` keys `None`) with the key
-    of every `DropoutState`, nested ones included, taken from `running`, and its other
-    leaves cast to `running`'s dtypes: a reset starts a new episode, not new masks."""
-    is_dropout = lambda node: isinstance(node, DropoutState)
-    nodes, treedef = jax.tree.flatten(default, is_leaf=is_dropout)
-    kept = [
-        DropoutState(_with_keys_of(node.cell, run.cell), run.key) if is_dropout(node) else node.astype(run.dtype)
-        for node, run in zip(nodes, treedef.flatten_up_to(running))
-    ]
-    return jax.tree.unflatten(treedef, kept)
 
 
 def _where_batch(valid: Array, new: Array, old: Array) -> Array:

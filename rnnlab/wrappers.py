@@ -7,6 +7,7 @@
   with some probability, with the dropout keys of `dropout`.
 * `residual`: TF1's `ResidualWrapper`, output `x + cell(x)`; a linear recurrence stays one
   (`method="associative"` still applies).
+* `trainable_initial_state`: the initial state as a parameter, learned with the others.
 """
 
 from __future__ import annotations
@@ -332,6 +333,21 @@ def _replace_dropout_keys(
     return jax.tree.unflatten(treedef, replaced)
 
 
+def with_dropout_keys_of(state: State, running: State) -> State:
+    """`state` (e.g. a cell's initial state, its `DropoutState` keys `None`) with the key of
+    every `DropoutState`, nested ones included, taken from `running` (a state of the same
+    cell), and its other leaves cast to `running`'s dtypes: an episode reset starts from
+    the initial state but keeps the masks, and a learned initial state takes the keys
+    drawn for the sequence (`trainable_initial_state`)."""
+    is_dropout = lambda node: isinstance(node, DropoutState)
+    nodes, treedef = jax.tree.flatten(state, is_leaf=is_dropout)
+    kept = [
+        DropoutState(with_dropout_keys_of(node.cell, run.cell), run.key) if is_dropout(node) else node.astype(run.dtype)
+        for node, run in zip(nodes, treedef.flatten_up_to(running))
+    ]
+    return jax.tree.unflatten(treedef, kept)
+
+
 def _keys_like(keys: PRNGKey, rng: PRNGKey) -> PRNGKey:
     """New keys from `rng` with the shape and kind (raw or typed) of `keys`."""
     typed = jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
@@ -389,3 +405,50 @@ def _residual_recurrence(recurrence: Optional[LinearRecurrence]) -> Optional[Lin
         return x + inner_readout(params, h, x)
 
     return recurrence._replace(readout=readout)
+
+
+def trainable_initial_state(cell: RNNCell) -> RNNCell:
+    """`cell` with a learned initial state: a parameter, trained with the others.
+
+    Params: `{"cell": the cell's params, "initial_state": one example's state}`, the
+    latter initialised to the cell's own initial state (zeros for most cells) and without
+    dropout keys. `initial_state(params, rng)` returns that state with the dropout keys
+    the cell draws from `rng`, so `rnnlab.unroll` starts every sequence from it when
+    given no `initial_state`, and episode resets (`resets=`) restart from it.
+
+    Everything else is the cell's own: its step, its hoisted input projection, its
+    fused scan and its linear recurrence (`method="associative"` applies), so it unrolls
+    as fast as the cell. In a `stack`, wrap the layers rather than the stack, so that
+    the unroll still runs the stack layer by layer.
+    """
+    name = f"trainable_initial_state({cell.name})"
+
+    def init(key: PRNGKey, input_size: int) -> Params:
+        params = cell.init(key, input_size)
+        return {"cell": params, "initial_state": without_dropout_keys(cell.initial_state(params))}
+
+    def initial_state(params: Params, rng: Optional[PRNGKey] = None) -> State:
+        return with_dropout_keys_of(params["initial_state"], cell.initial_state(params["cell"], rng))
+
+    def on_cell_params(fn: Optional[Callable[..., Any]]) -> Optional[Callable[..., Any]]:
+        """`fn(params, ...)` of the cell, called with the wrapper's params."""
+        return None if fn is None else lambda params, *args: fn(params["cell"], *args)
+
+    recurrence = cell.linear_recurrence
+    if recurrence is not None:
+        recurrence = recurrence._replace(
+            coefficients=on_cell_params(recurrence.coefficients),
+            readout=on_cell_params(recurrence.readout),
+            log_coefficients=on_cell_params(recurrence.log_coefficients),
+        )
+    return RNNCell(
+        init=init,
+        initial_state=initial_state,
+        step=on_cell_params(cell.step),
+        output_size=cell.output_size,
+        name=name,
+        input_projection=on_cell_params(cell.input_projection),
+        projected_step=on_cell_params(cell.projected_step),
+        linear_recurrence=recurrence,
+        fused_scan=on_cell_params(cell.fused_scan),
+    )
