@@ -8,3 +8,4 @@ from experiments import mnist, registry
 from experiments import char_lm, sine
 from experiments import pixel_mnist
 from experiments import bench
+from experiments import synthetic_memory
