@@ -120,6 +120,17 @@ def gru_step(params, h, x, *, reset_after: bool = False, activation: Callable = 
     return h, h
 
 
+def rg_lru_step(params, h, x, *, c: float = 8.0):
+    """One RG-LRU step (columns of `w_x`, `b`: recurrence gate r, input gate i, value u):
+    `a = σ(Λ)^(c·r)`, `h' = a·h + sqrt(1 − a²)·(i·u)`. Returns `(h', h')`."""
+    n = h.shape[0]
+    pre = x @ params["w_x"] + params["b"]
+    r, i, u = sigmoid(_block(pre, 0, n)), sigmoid(_block(pre, 1, n)), _block(pre, 2, n)
+    a = sigmoid(params["lambda"]) ** (c * r)
+    h = a * h + np.sqrt(1.0 - a**2) * (i * u)
+    return h, h
+
+
 def run(step: Callable, params, state, xs):
     """Steps over `xs: [T, I]`; returns `(states, outputs)` per step."""
     states, outputs = [], []

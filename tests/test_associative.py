@@ -1,5 +1,5 @@
-"""Linear-recurrence cells (minGRU, minLSTM, LRU), `unroll(method="associative")` and the
-hoisted sequential scan that `method="scan"` gives them."""
+"""Linear-recurrence cells (minGRU, minLSTM, LRU, RG-LRU), `unroll(method="associative")`
+and the hoisted sequential scan that `method="scan"` gives them."""
 
 from __future__ import annotations
 
@@ -8,12 +8,21 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
 import rnnlab
 import rnnlab.linen
 from rnnlab.cells import basic_rnn, lstm
-from rnnlab.cells.linear import lru, lru_eigenvalues, min_gru, min_lstm
+from rnnlab.cells.linear import (
+    SQRT_DERIVATIVE_BOUND,
+    lru,
+    lru_eigenvalues,
+    min_gru,
+    min_lstm,
+    rg_lru,
+    sqrt_bounded_derivative,
+)
 from rnnlab.linear_unroll import default_block_size
 
 B, T = 4, 7
@@ -27,9 +36,15 @@ CELLS = {
     "min_gru_log": (lambda: min_gru(6, log_space=True), 4),
     "min_lstm_log": (lambda: min_lstm(6, log_space=True), 4),
     "lru": (lambda: lru(6, 5, r_min=0.5, r_max=0.99), 6),
+    "rg_lru": (lambda: rg_lru(6), 4),
 }
+# The tests of the unroll's machinery (block sizes, stacks, zero steps, forward mode,
+# stepping on from an associative unroll) run on these; the tests of a cell's numbers
+# (every method's values and gradients, float64, T = 10k) on every cell. Each test
+# compiles anew, so a cell added for its numbers (rg_lru) joins the latter only.
+MACHINERY_CELLS = ["min_gru", "min_lstm", "min_gru_log", "min_lstm_log", "lru"]
 # The sequential scan runs the "_log" cells in linear space too, so tests of it alone skip them.
-LINEAR_SPACE_CELLS = [name for name in CELLS if not name.endswith("_log")]
+LINEAR_SPACE_CELLS = [name for name in MACHINERY_CELLS if not name.endswith("_log")]
 
 
 def _setup(name: str, seed: int = 0, num_steps: int = T, batch_size: int = B):
@@ -90,7 +105,7 @@ def test_associative_matches_scan_and_static(name, with_lengths, reverse):
 
 @pytest.mark.parametrize("block_size", [1, 2, T, T + 3])
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", MACHINERY_CELLS)
 def test_every_block_size_matches_scan(name, reverse, block_size):
     """The plain associative scan (`block_size=1`), blocks that do not divide `T` (padded),
     one block of exactly `T` steps and one longer than `T`, with lengths, both ways."""
@@ -132,7 +147,7 @@ def test_block_size_errors(kwargs, message):
         rnnlab.linen.RNN(cell, **kwargs).init(jax.random.PRNGKey(0), xs)
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", MACHINERY_CELLS)
 def test_two_layer_stack(name):
     make_cell, input_size = CELLS[name]
     cell = rnnlab.stack([make_cell(), make_cell()])
@@ -168,7 +183,7 @@ def test_hoisted_scan_with_unroll_in_a_mixed_stack(name, num_steps):
 
 
 @pytest.mark.parametrize("method", ["associative", "scan"])
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", MACHINERY_CELLS)
 def test_zero_steps_give_empty_outputs_and_the_initial_state(name, method):
     cell, params, xs, h0 = _setup(name, num_steps=0)
     ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=np.zeros(B, np.int32), method=method)
@@ -193,7 +208,7 @@ def test_gradients_match_scan(name):
         _assert_trees_close(grad(params, xs, h0, method, None, block_size), grads_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", MACHINERY_CELLS)
 def test_forward_mode_matches_scan(name):
     """Forward mode through the log-space scan's custom JVP (`log_space=True`) and the
     `custom_linear_solve` of the associative and the hoisted sequential scan matches the
@@ -212,7 +227,7 @@ def test_forward_mode_matches_scan(name):
         np.testing.assert_allclose(np.asarray(tangent), np.asarray(tangent_ref), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", MACHINERY_CELLS)
 def test_step_continues_an_associative_unroll(name):
     """Generation: `cell.step` from the associative state after `T − 1` steps gives the
     output of step `T − 1` of the full associative unroll."""
@@ -283,7 +298,18 @@ def _reference_lru(p, xs, h):
     return np.stack(ys), h
 
 
-REFERENCES = {"min_gru": _reference_min_gru, "min_lstm": _reference_min_lstm, "lru": _reference_lru}
+def _reference_rg_lru(p, xs, h):
+    """RG-LRU: `numpy_reference.rg_lru_step` over the steps."""
+    _, ys = ref.run(ref.rg_lru_step, p, h, xs)
+    return ys, ys[-1]
+
+
+REFERENCES = {
+    "min_gru": _reference_min_gru,
+    "min_lstm": _reference_min_lstm,
+    "lru": _reference_lru,
+    "rg_lru": _reference_rg_lru,
+}
 
 
 def _reference_unroll(name, params, xs, h0):
@@ -377,6 +403,56 @@ def test_lru_argument_errors():
         lru(4, 3).init(jax.random.PRNGKey(0), 5)
 
 
+# -- the RG-LRU -----------------------------------------------------------------------
+
+
+def test_sqrt_bounded_derivative_is_sqrt_with_a_capped_slope():
+    """Values are `sqrt`; the derivative is exact down to `1/(4·M²)` and `M` below it, in
+    reverse and forward mode."""
+    v = jnp.array([0.0, 1e-12, 1.0 / (4 * SQRT_DERIVATIVE_BOUND**2), 0.25, 4.0])
+    expected = np.array([SQRT_DERIVATIVE_BOUND, SQRT_DERIVATIVE_BOUND, SQRT_DERIVATIVE_BOUND, 1.0, 0.25])
+    np.testing.assert_array_equal(sqrt_bounded_derivative(v), jnp.sqrt(v))
+    np.testing.assert_allclose(jax.vmap(jax.grad(sqrt_bounded_derivative))(v), expected, rtol=1e-6)
+    _, tangent = jax.jvp(sqrt_bounded_derivative, (v,), (jnp.ones_like(v),))
+    np.testing.assert_allclose(tangent, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["associative", "scan"])
+def test_rg_lru_gradients_stay_finite_when_the_recurrence_gate_closes(method):
+    """A recurrence gate r = σ(−1000) = 0 gives a = 1 and 1 − a² = 0, where `sqrt` has an
+    infinite slope (times σ'(−1000) = 0: NaN). The bounded slope keeps the gradients
+    finite, and they are the exact ones: the state stays h0, so only h0 has a gradient."""
+    cell, params, xs, h0 = _setup("rg_lru", seed=17)
+    units = cell.output_size
+    params = dict(params, b=params["b"].at[:units].set(-1e3))
+
+    def loss(params, xs, h0):
+        ys, final = rnnlab.unroll(cell, params, xs, initial_state=h0, lengths=LENGTHS, method=method)
+        return jnp.sum(jnp.sin(ys)) + _squared_norm(final), ys
+
+    (_, ys), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(params, xs, h0)
+    valid = np.arange(T)[None, :] < LENGTHS[:, None]
+    np.testing.assert_array_equal(np.asarray(ys), np.where(valid[..., None], h0[:, None], 0.0))
+    grad_params, grad_xs, grad_h0 = grads
+    assert all(np.all(np.asarray(g) == 0.0) for g in jax.tree.leaves((grad_params, grad_xs)))
+    expected_h0 = LENGTHS[:, None] * np.cos(h0) + 2 * h0
+    np.testing.assert_allclose(np.asarray(grad_h0), expected_h0, **TOLERANCE)
+
+
+@pytest.mark.parametrize("min_radius, max_radius", [(0.9, 0.999), (0.3, 0.6)])
+def test_rg_lru_initialisation(min_radius, max_radius):
+    """Griffin's ring: σ(Λ) in [min_radius, max_radius] with σ(Λ)² uniform (for (0.3, 0.6)
+    E[σ(Λ)²] is 0.225; a uniform σ(Λ) would give 0.21); kernels N(0, 1/I), zero biases."""
+    input_size = 64
+    params = rg_lru(4000, min_radius=min_radius, max_radius=max_radius).init(jax.random.PRNGKey(8), input_size)
+    radius = 1.0 / (1.0 + np.exp(-np.asarray(params["lambda"], np.float64)))
+    assert min_radius - 1e-6 <= radius.min() and radius.max() <= max_radius + 1e-6
+    np.testing.assert_allclose(np.mean(radius**2), (min_radius**2 + max_radius**2) / 2, atol=0.004)
+    np.testing.assert_allclose(np.std(params["w_x"]), 1 / np.sqrt(input_size), rtol=0.02)
+    np.testing.assert_array_equal(params["b"], 0.0)
+    assert {k: v.shape for k, v in params.items()} == {"w_x": (64, 12000), "b": (12000,), "lambda": (4000,)}
+
+
 # -- cells that are not linear recurrences --------------------------------------------
 
 
@@ -396,7 +472,7 @@ def test_stack_with_a_nonlinear_layer_raises():
         _trace_associative_unroll(rnnlab.stack([min_gru(4), basic_rnn(4)]))
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", MACHINERY_CELLS)
 def test_residual_linear_cell_runs_associative(name):
     """`residual` keeps the linear recurrence: the associative and the hoisted scan
     unrolls add the input to the inner cell's outputs (run by the static loop, which

@@ -1,4 +1,4 @@
-"""The basic RNN, LSTM and GRU cells against the NumPy float64 reference."""
+"""The basic RNN, LSTM, GRU and RG-LRU cells against the NumPy float64 reference."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from jax.test_util import check_grads
 
 from rnnlab.cells.gru import gru
+from rnnlab.cells.linear import rg_lru
 from rnnlab.cells.lstm import LSTMState, lstm
 from rnnlab.cells.rnn import basic_rnn
 
@@ -50,6 +51,10 @@ GRU_OPTIONS = {
     "reset_after": dict(reset_after=True),
     "reset_after_bias": dict(reset_after=True, gate_bias_init=0.5),
 }
+RG_LRU_OPTIONS = {
+    "griffin": {},
+    "c4_wide_ring": dict(c=4.0, min_radius=0.3, max_radius=0.95),
+}
 
 
 def _split_activation(options: dict) -> tuple[dict, dict]:
@@ -60,6 +65,8 @@ def _split_activation(options: dict) -> tuple[dict, dict]:
 
 def _make(family: str, options: dict):
     """`(cell, reference step)` for a cell family and its options."""
+    if family == "rg_lru":  # no activation; the reference needs `c` only
+        return rg_lru(H, **options), functools.partial(ref.rg_lru_step, c=options.get("c", 8.0))
     cell_kwargs, ref_kwargs = _split_activation(options)
     if family == "lstm":
         return lstm(H, **cell_kwargs), functools.partial(ref.lstm_step, **ref_kwargs)
@@ -138,6 +145,11 @@ def test_gru_matches_reference(options):
     _assert_matches_reference("gru", options)
 
 
+@pytest.mark.parametrize("options", RG_LRU_OPTIONS.values(), ids=RG_LRU_OPTIONS.keys())
+def test_rg_lru_matches_reference(options):
+    _assert_matches_reference("rg_lru", options)
+
+
 CLIPS = [
     (name, clip)
     for name, options in LSTM_OPTIONS.items()
@@ -172,8 +184,9 @@ def test_lstm_clips_bind(config, clip):
         ("lstm", LSTM_OPTIONS["ln_cell_proj"]),
         ("gru", GRU_OPTIONS["tf1"]),
         ("gru", GRU_OPTIONS["reset_after"]),
+        ("rg_lru", RG_LRU_OPTIONS["griffin"]),
     ],
-    ids=["rnn", "lstm_peep_proj_clips", "lstm_ln_all", "lstm_ln_cell_proj", "gru", "gru_ra"],
+    ids=["rnn", "lstm_peep_proj_clips", "lstm_ln_all", "lstm_ln_cell_proj", "gru", "gru_ra", "rg_lru"],
 )
 def test_step_equals_projected_step_with_leading_axes(family, options):
     cell, _ = _make(family, options)
@@ -205,8 +218,9 @@ def test_step_equals_projected_step_with_leading_axes(family, options):
         ("lstm", LSTM_OPTIONS["ln_all"]),
         ("gru", GRU_OPTIONS["tf1"]),
         ("gru", GRU_OPTIONS["reset_after"]),
+        ("rg_lru", RG_LRU_OPTIONS["c4_wide_ring"]),
     ],
-    ids=["lstm_peep_proj_clips", "lstm_ln_all", "gru", "gru_ra"],
+    ids=["lstm_peep_proj_clips", "lstm_ln_all", "gru", "gru_ra", "rg_lru"],
 )
 def test_gradients(family, options):
     """Reverse-mode gradients w.r.t. params and inputs match finite differences."""
@@ -298,8 +312,9 @@ def test_peephole_weights_are_glorot_uniform_vectors():
         (lstm(H, num_proj=P), ((H,), (P,))),
         (gru(H), (H,)),
         (basic_rnn(H), (H,)),
+        (rg_lru(H), (H,)),
     ],
-    ids=["lstm", "lstm_proj", "gru", "rnn"],
+    ids=["lstm", "lstm_proj", "gru", "rnn", "rg_lru"],
 )
 def test_initial_state_and_output_size(cell, state_shapes):
     params = cell.init(jax.random.PRNGKey(0), I)
@@ -313,7 +328,7 @@ def test_initial_state_and_output_size(cell, state_shapes):
     assert all(np.all(a == 0) for a in jax.tree_util.tree_leaves(state))
 
 
-@pytest.mark.parametrize("factory", [lstm, gru, basic_rnn])
+@pytest.mark.parametrize("factory", [lstm, gru, basic_rnn, rg_lru])
 def test_step_rejects_bad_input(factory):
     cell = factory(H)
     params = cell.init(jax.random.PRNGKey(0), I)
@@ -338,11 +353,21 @@ def test_step_rejects_bad_input(factory):
         (lambda: lstm(H, layer_norm_cell=True), "requires layer_norm"),
         (lambda: gru(H, gate_bias_init="one"), "gate_bias_init"),
         (lambda: lstm(H).init(jax.random.PRNGKey(0), 0), "input_size"),
+        (lambda: rg_lru(0), "num_units"),
+        (lambda: rg_lru(H, c=0.0), r"rg_lru needs a finite c > 0, got 0\.0"),
+        (lambda: rg_lru(H, c=float("inf")), "finite c > 0"),
+        (lambda: rg_lru(H, c=True), "finite c > 0"),
+        (lambda: rg_lru(H, min_radius=0.0), "0 < min_radius <= max_radius < 1"),
+        (lambda: rg_lru(H, min_radius=0.99, max_radius=0.9), "min_radius=0.99, max_radius=0.9"),
+        (lambda: rg_lru(H, max_radius=1.0), "max_radius < 1"),
+        (lambda: rg_lru(H, min_radius=float("nan")), "min_radius=nan"),
+        (lambda: rg_lru(H).init(jax.random.PRNGKey(0), 0), "input_size"),
     ],
 )
 def test_invalid_configurations_raise(make, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         make()
+    assert "\n" not in str(error.value)
 
 
 def test_names():
@@ -352,3 +377,4 @@ def test_names():
         == "lstm(8, peepholes, proj=4, cell_clip=3.0, proj_clip=1.0)"
     )
     assert gru(8, reset_after=True).name == "gru(8, reset_after)"
+    assert rg_lru(8).name == "rg_lru(8, c=8, radius=[0.9, 0.999])"

@@ -22,7 +22,7 @@ from flax import nnx
 import rnnlab
 import rnnlab.linen
 import rnnlab.nnx
-from rnnlab.cells import basic_rnn, gru, lru, lstm, min_gru, min_lstm
+from rnnlab.cells import basic_rnn, gru, lru, lstm, min_gru, min_lstm, rg_lru
 from rnnlab.cells.base import RNNCell
 from test_unroll import assert_trees_close, loop_reference
 
@@ -62,9 +62,10 @@ CELLS: dict[str, Callable[[], RNNCell]] = {
     "min_gru_log_space": lambda: min_gru(4, log_space=True),
     "min_lstm": lambda: min_lstm(5),
     "lru": lambda: with_default(lru(I, 3), 0.5),  # a constant a, a complex state
+    "rg_lru": lambda: with_default(rg_lru(4), 0.5),
     "stack_min_lstm_min_gru": lambda: rnnlab.stack([min_lstm(4), with_default(min_gru(4), 0.5)]),
 }
-LINEAR = {"min_gru", "min_gru_log_space", "min_lstm", "lru", "stack_min_lstm_min_gru"}
+LINEAR = {"min_gru", "min_gru_log_space", "min_lstm", "lru", "rg_lru", "stack_min_lstm_min_gru"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,6 +126,7 @@ MATRIX: list[tuple[str, str]] = [
     ("lru", "scan"),
     ("lru", "associative"),
     ("lru", "associative_blocks"),
+    ("rg_lru", "associative_blocks"),
     ("stack_min_lstm_min_gru", "scan"),
     ("stack_min_lstm_min_gru", "associative_blocks"),
 ]

@@ -36,6 +36,7 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "min_gru_log": ("min_gru", {"log_space": True}),
     "min_lstm_log": ("min_lstm", {"log_space": True}),
     "lru": ("lru", {}),
+    "rg_lru": ("rg_lru", {}),
 }
 """Benchmark cell name -> (factory in `rnnlab.cells`, keyword arguments). `lru` gets
 `state_size = num_units` and needs `input_size == num_units`; `lstmp` (TF1's

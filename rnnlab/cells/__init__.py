@@ -2,7 +2,7 @@
 
 from rnnlab.cells.base import LinearRecurrence, RNNCell
 from rnnlab.cells.gru import gru
-from rnnlab.cells.linear import lru, min_gru, min_lstm
+from rnnlab.cells.linear import lru, min_gru, min_lstm, rg_lru
 from rnnlab.cells.lstm import LSTMState, lstm
 from rnnlab.cells.rnn import basic_rnn
 
@@ -16,4 +16,5 @@ __all__ = [
     "lstm",
     "min_gru",
     "min_lstm",
+    "rg_lru",
 ]
