@@ -21,6 +21,10 @@ def softsign(v: np.ndarray) -> np.ndarray:
     return v / (1.0 + np.abs(v))
 
 
+def relu(v: np.ndarray) -> np.ndarray:
+    return np.maximum(v, 0.0)
+
+
 def to_float64(params: dict) -> dict:
     return {k: np.asarray(v, np.float64) for k, v in params.items()}
 
@@ -36,6 +40,13 @@ def _layer_norm(v: np.ndarray, gain: np.ndarray, shift: np.ndarray) -> np.ndarra
 
 def basic_rnn_step(params, h, x, activation: Callable = np.tanh):
     h = activation(x @ params["w_x"] + h @ params["w_h"] + params["b"])
+    return h, h
+
+
+def indrnn_step(params, h, x, *, activation: Callable = relu, recurrent_max_abs: float | None = None):
+    """One IndRNN step `h' = act(x·W_x + u⊙h + b)`, `u` clipped to `±recurrent_max_abs`."""
+    u = params["u"] if recurrent_max_abs is None else np.clip(params["u"], -recurrent_max_abs, recurrent_max_abs)
+    h = activation(x @ params["w_x"] + u * h + params["b"])
     return h, h
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import rnnlab
 import rnnlab.linen
-from rnnlab.cells import basic_rnn, lstm
+from rnnlab.cells import basic_rnn, indrnn, lstm
 from rnnlab.cells.linear import (
     SQRT_DERIVATIVE_BOUND,
     lru,
@@ -462,9 +462,13 @@ def _trace_associative_unroll(cell) -> None:
     jax.eval_shape(lambda: rnnlab.unroll(cell, cell.init(jax.random.PRNGKey(0), 3), xs, method="associative"))
 
 
-def test_nonlinear_cell_raises():
-    with pytest.raises(ValueError, match=r"basic_rnn\(4\) is not a linear recurrence; use method='scan'"):
-        _trace_associative_unroll(basic_rnn(4))
+@pytest.mark.parametrize(
+    "cell, name", [(basic_rnn(4), r"basic_rnn\(4\)"), (indrnn(4), r"indrnn\(4\)")], ids=["basic_rnn", "indrnn"]
+)
+def test_nonlinear_cell_raises(cell, name):
+    with pytest.raises(ValueError, match=rf"{name} is not a linear recurrence; use method='scan'") as error:
+        _trace_associative_unroll(cell)
+    assert "\n" not in str(error.value)
 
 
 def test_stack_with_a_nonlinear_layer_raises():

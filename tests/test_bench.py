@@ -180,6 +180,18 @@ def test_associative_methods_of_a_linear_cell_are_checked_and_timed():
         assert record["check"]["compared"] == ["grads", "loss"] and record["check"]["passed"]
 
 
+def test_rg_lru_and_indrnn_run_in_the_benchmark():
+    """rg_lru's associative unroll is checked against its scan and timed; indrnn (an
+    extra workload) runs the first method."""
+    config = tiny(cell="rg_lru", extra="indrnn", methods="scan,associative", peers="", modes="forward")
+    payload = bench.run_benchmark(config, log=quiet)
+    for target in ("rg_lru/associative", "indrnn/scan"):
+        (record,) = records(payload, target=target)
+        assert record["status"] == "ok" and record["time_ms"]["median"] > 0
+    (record,) = records(payload, target="rg_lru/associative")
+    assert record["check"]["compared"] == ["final", "outputs"] and record["check"]["passed"]
+
+
 def test_outputs_are_checked_before_timing(monkeypatch):
     build = workloads.build_program
 

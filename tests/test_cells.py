@@ -1,4 +1,4 @@
-"""The basic RNN, LSTM, GRU and RG-LRU cells against the NumPy float64 reference."""
+"""The basic RNN, LSTM, GRU, IndRNN and RG-LRU cells against the NumPy float64 reference."""
 
 from __future__ import annotations
 
@@ -12,12 +12,17 @@ import pytest
 from jax.test_util import check_grads
 
 from rnnlab.cells.gru import gru
+from rnnlab.cells.indrnn import indrnn
 from rnnlab.cells.linear import rg_lru
 from rnnlab.cells.lstm import LSTMState, lstm
 from rnnlab.cells.rnn import basic_rnn
 
 I, H, P, T, B = 3, 4, 2, 5, 2
-ACTIVATIONS = {"tanh": (jnp.tanh, np.tanh), "softsign": (jax.nn.soft_sign, ref.softsign)}
+ACTIVATIONS = {
+    "tanh": (jnp.tanh, np.tanh),
+    "softsign": (jax.nn.soft_sign, ref.softsign),
+    "relu": (jax.nn.relu, ref.relu),
+}
 
 LSTM_OPTIONS = {
     "plain": {},
@@ -51,6 +56,11 @@ GRU_OPTIONS = {
     "reset_after": dict(reset_after=True),
     "reset_after_bias": dict(reset_after=True, gate_bias_init=0.5),
 }
+INDRNN_OPTIONS = {
+    "relu": dict(activation="relu"),
+    "relu_clip": dict(activation="relu", recurrent_max_abs=0.5),  # `_params` puts some |u| beyond it
+    "tanh_signed_init": dict(activation="tanh", recurrent_max_abs=0.5, recurrent_init_range=(-0.5, 0.5)),
+}
 RG_LRU_OPTIONS = {
     "griffin": {},
     "c4_wide_ring": dict(c=4.0, min_radius=0.3, max_radius=0.95),
@@ -73,6 +83,9 @@ def _make(family: str, options: dict):
     if family == "gru":
         ref_kwargs.pop("gate_bias_init", None)  # init only: `_params` perturbs the biases
         return gru(H, **cell_kwargs), functools.partial(ref.gru_step, **ref_kwargs)
+    if family == "indrnn":
+        ref_kwargs.pop("recurrent_init_range", None)  # init only
+        return indrnn(H, **cell_kwargs), functools.partial(ref.indrnn_step, **ref_kwargs)
     return basic_rnn(H, cell_kwargs["activation"]), functools.partial(
         ref.basic_rnn_step, activation=ref_kwargs["activation"]
     )
@@ -145,6 +158,11 @@ def test_gru_matches_reference(options):
     _assert_matches_reference("gru", options)
 
 
+@pytest.mark.parametrize("options", INDRNN_OPTIONS.values(), ids=INDRNN_OPTIONS.keys())
+def test_indrnn_matches_reference(options):
+    _assert_matches_reference("indrnn", options)
+
+
 @pytest.mark.parametrize("options", RG_LRU_OPTIONS.values(), ids=RG_LRU_OPTIONS.keys())
 def test_rg_lru_matches_reference(options):
     _assert_matches_reference("rg_lru", options)
@@ -175,6 +193,19 @@ def test_lstm_clips_bind(config, clip):
     np.testing.assert_allclose(clipped, options[clip])
 
 
+def test_indrnn_recurrent_clip_binds():
+    """The clip of the `relu_clip` config binds: some |u| exceed it, and the step reads
+    the clipped weights (its outputs differ from those of the unclipped `u`)."""
+    options = INDRNN_OPTIONS["relu_clip"]
+    cell, _ = _make("indrnn", options)
+    unclipped_cell, _ = _make("indrnn", {**options, "recurrent_max_abs": None})
+    params, xs = _params(cell), _inputs()
+    assert np.abs(params["u"]).max() > 1.2 * options["recurrent_max_abs"]
+    _, ys = _run_cell(cell, params, xs)
+    _, unclipped_ys = _run_cell(unclipped_cell, params, xs)
+    assert np.abs(ys - unclipped_ys).max() > 1e-2
+
+
 @pytest.mark.parametrize(
     "family, options",
     [
@@ -184,9 +215,10 @@ def test_lstm_clips_bind(config, clip):
         ("lstm", LSTM_OPTIONS["ln_cell_proj"]),
         ("gru", GRU_OPTIONS["tf1"]),
         ("gru", GRU_OPTIONS["reset_after"]),
+        ("indrnn", INDRNN_OPTIONS["relu_clip"]),
         ("rg_lru", RG_LRU_OPTIONS["griffin"]),
     ],
-    ids=["rnn", "lstm_peep_proj_clips", "lstm_ln_all", "lstm_ln_cell_proj", "gru", "gru_ra", "rg_lru"],
+    ids=["rnn", "lstm_peep_proj_clips", "lstm_ln_all", "lstm_ln_cell_proj", "gru", "gru_ra", "indrnn", "rg_lru"],
 )
 def test_step_equals_projected_step_with_leading_axes(family, options):
     cell, _ = _make(family, options)
@@ -218,9 +250,10 @@ def test_step_equals_projected_step_with_leading_axes(family, options):
         ("lstm", LSTM_OPTIONS["ln_all"]),
         ("gru", GRU_OPTIONS["tf1"]),
         ("gru", GRU_OPTIONS["reset_after"]),
+        ("indrnn", INDRNN_OPTIONS["relu_clip"]),
         ("rg_lru", RG_LRU_OPTIONS["c4_wide_ring"]),
     ],
-    ids=["lstm_peep_proj_clips", "lstm_ln_all", "gru", "gru_ra", "rg_lru"],
+    ids=["lstm_peep_proj_clips", "lstm_ln_all", "gru", "gru_ra", "indrnn", "rg_lru"],
 )
 def test_gradients(family, options):
     """Reverse-mode gradients w.r.t. params and inputs match finite differences."""
@@ -294,6 +327,23 @@ def test_gru_init(reset_after, gate_bias_init, expected):
         np.testing.assert_allclose(block @ block.T, np.eye(H), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "options, low, high",
+    [({}, 0.0, 1.0), (dict(recurrent_max_abs=0.25), 0.0, 0.25), (dict(recurrent_init_range=(-0.3, 0.2)), -0.3, 0.2)],
+    ids=["default", "cut_to_the_clip", "given"],
+)
+def test_indrnn_init(options, low, high):
+    """`u` fills its init range, `W_x` is Glorot uniform, `b` zero."""
+    num_units, input_size = 2000, 64
+    params = indrnn(num_units, **options).init(jax.random.PRNGKey(0), input_size)
+    assert {k: v.shape for k, v in params.items()} == {"w_x": (64, 2000), "u": (2000,), "b": (2000,)}
+    u = np.asarray(params["u"])
+    assert low <= u.min() < low + 0.01 * (high - low) and high - 0.01 * (high - low) < u.max() <= high
+    limit = np.sqrt(6.0 / (input_size + num_units))
+    assert 0.99 * limit < np.abs(np.asarray(params["w_x"])).max() <= limit
+    np.testing.assert_array_equal(params["b"], 0.0)
+
+
 def test_peephole_weights_are_glorot_uniform_vectors():
     """Peephole weights start uniform within Keras' `glorot_uniform` limit for an
     `H x H` matrix, `sqrt(6 / (H + H))`, and fill most of that range."""
@@ -312,9 +362,10 @@ def test_peephole_weights_are_glorot_uniform_vectors():
         (lstm(H, num_proj=P), ((H,), (P,))),
         (gru(H), (H,)),
         (basic_rnn(H), (H,)),
+        (indrnn(H), (H,)),
         (rg_lru(H), (H,)),
     ],
-    ids=["lstm", "lstm_proj", "gru", "rnn", "rg_lru"],
+    ids=["lstm", "lstm_proj", "gru", "rnn", "indrnn", "rg_lru"],
 )
 def test_initial_state_and_output_size(cell, state_shapes):
     params = cell.init(jax.random.PRNGKey(0), I)
@@ -328,7 +379,7 @@ def test_initial_state_and_output_size(cell, state_shapes):
     assert all(np.all(a == 0) for a in jax.tree_util.tree_leaves(state))
 
 
-@pytest.mark.parametrize("factory", [lstm, gru, basic_rnn, rg_lru])
+@pytest.mark.parametrize("factory", [lstm, gru, basic_rnn, indrnn, rg_lru])
 def test_step_rejects_bad_input(factory):
     cell = factory(H)
     params = cell.init(jax.random.PRNGKey(0), I)
@@ -362,6 +413,14 @@ def test_step_rejects_bad_input(factory):
         (lambda: rg_lru(H, max_radius=1.0), "max_radius < 1"),
         (lambda: rg_lru(H, min_radius=float("nan")), "min_radius=nan"),
         (lambda: rg_lru(H).init(jax.random.PRNGKey(0), 0), "input_size"),
+        (lambda: indrnn(0), "num_units"),
+        (lambda: indrnn(H, recurrent_max_abs=0.0), r"recurrent_max_abs None or a finite number > 0, got 0\.0"),
+        (lambda: indrnn(H, recurrent_max_abs=float("inf")), "recurrent_max_abs None or a finite"),
+        (lambda: indrnn(H, recurrent_init_range=(1.0, 0.0)), r"low <= high, got \(1\.0, 0\.0\)"),
+        (lambda: indrnn(H, recurrent_init_range=(0.0, float("nan"))), "of finite numbers"),
+        (lambda: indrnn(H, recurrent_init_range=0.5), "recurrent_init_range"),
+        (lambda: indrnn(H, recurrent_max_abs=0.5, recurrent_init_range=(0.0, 1.0)), r"within the clip \[-0\.5, 0\.5\]"),
+        (lambda: indrnn(H).init(jax.random.PRNGKey(0), 0), "input_size"),
     ],
 )
 def test_invalid_configurations_raise(make, message):
@@ -378,3 +437,5 @@ def test_names():
     )
     assert gru(8, reset_after=True).name == "gru(8, reset_after)"
     assert rg_lru(8).name == "rg_lru(8, c=8, radius=[0.9, 0.999])"
+    assert indrnn(8).name == "indrnn(8)"
+    assert indrnn(8, recurrent_max_abs=1.25).name == "indrnn(8, recurrent_max_abs=1.25)"

@@ -21,6 +21,7 @@ from jax.test_util import check_grads
 import rnnlab
 from rnnlab.cells.base import RNNCell
 from rnnlab.cells.gru import gru
+from rnnlab.cells.indrnn import indrnn
 from rnnlab.cells.lstm import LSTMState, lstm
 from rnnlab.cells.rnn import basic_rnn
 from rnnlab.wrappers import DropoutState
@@ -139,6 +140,7 @@ CELLS: dict[str, Callable[[], RNNCell]] = {
     "ln_lstm": lambda: lstm(8, layer_norm=True),  # so does this one
     "lstm_peep_proj": lambda: lstm(8, peepholes=True, num_proj=5, cell_clip=2.0),
     "gru": lambda: gru(7),
+    "indrnn": lambda: indrnn(6, recurrent_max_abs=0.9),  # no fused scan: the generic hoisted loop
     "stack_lstm8_gru12": lambda: rnnlab.stack([lstm(8), gru(12)]),
     # a stack of dropout-wrapped layers (unrolled layer by layer) ...
     "stack_of_dropouts": lambda: rnnlab.stack(

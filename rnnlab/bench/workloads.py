@@ -31,6 +31,7 @@ CELLS: dict[str, tuple[str, dict[str, Any]]] = {
     "gru": ("gru", {}),
     "gru_reset_after": ("gru", {"reset_after": True}),
     "basic_rnn": ("basic_rnn", {}),
+    "indrnn": ("indrnn", {}),
     "min_gru": ("min_gru", {}),
     "min_lstm": ("min_lstm", {}),
     "min_gru_log": ("min_gru", {"log_space": True}),

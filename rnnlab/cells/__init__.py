@@ -2,6 +2,7 @@
 
 from rnnlab.cells.base import LinearRecurrence, RNNCell
 from rnnlab.cells.gru import gru
+from rnnlab.cells.indrnn import indrnn
 from rnnlab.cells.linear import lru, min_gru, min_lstm, rg_lru
 from rnnlab.cells.lstm import LSTMState, lstm
 from rnnlab.cells.rnn import basic_rnn
@@ -12,6 +13,7 @@ __all__ = [
     "RNNCell",
     "basic_rnn",
     "gru",
+    "indrnn",
     "lru",
     "lstm",
     "min_gru",
