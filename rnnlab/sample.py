@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rnnlab.cells.base import is_real_number
+
 Array = jax.Array
 Carry = Any  # a pytree of arrays with a leading batch axis [B]
 ApplyFn = Callable[[Any, Carry, Array], tuple[Array, Carry]]
@@ -61,7 +63,7 @@ def check_options(temperature: float, top_k: Optional[int], num_tokens: int) -> 
     """`(temperature, top_k, num_tokens)` as Python numbers, or a one-line `ValueError`:
     a finite `temperature >= 0`, `top_k` `None` or an integer `>= 1`, `num_tokens >= 0`
     (NumPy numbers accepted; booleans are not numbers here)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+    if not is_real_number(temperature) or not (
         math.isfinite(temperature) and temperature >= 0
     ):
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}.")

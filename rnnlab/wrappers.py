@@ -13,13 +13,12 @@
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from rnnlab.cells.base import Array, LinearRecurrence, Params, PRNGKey, RNNCell, State
+from rnnlab.cells.base import Array, LinearRecurrence, Params, PRNGKey, RNNCell, State, is_real_number
 
 
 def stack(cells: Sequence[RNNCell]) -> RNNCell:
@@ -112,7 +111,7 @@ def _keyed_initial_state(cell: RNNCell, params: Params, rng: Optional[PRNGKey] =
 
 
 def _keep_probability(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < value <= 1.0:
+    if not is_real_number(value) or not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be a keep probability in (0, 1], got {value!r}.")
     return float(value)
 
@@ -204,7 +203,7 @@ def dropout(
 
 
 def _zoneout_rate(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+    if not is_real_number(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a zoneout rate (a float in [0, 1)), got {value!r}.")
     return float(value)
 

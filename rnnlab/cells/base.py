@@ -16,6 +16,7 @@ multiply before the sequential loop ("hoisting"); `step` always equals
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -95,6 +96,11 @@ class RNNCell(NamedTuple):
     def can_hoist(self) -> bool:
         """Whether the unroll may precompute the input projection of all steps."""
         return self.input_projection is not None and self.projected_step is not None
+
+
+def is_real_number(value: Any) -> bool:
+    """Whether `value` is a real number, Python's or NumPy's; booleans are not numbers here."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real)
 
 
 def check_positive_int(value: Any, name: str) -> int:

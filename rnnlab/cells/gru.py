@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Callable
 
 import jax
@@ -17,6 +16,7 @@ from rnnlab.cells.base import (
     check_positive_int,
     glorot_uniform,
     hoistable_cell,
+    is_real_number,
     orthogonal,
     zero_state,
 )
@@ -68,7 +68,7 @@ def gru(
     num_units = check_positive_int(num_units, "num_units")
     if gate_bias_init is None:
         gate_bias_init = 0.0 if reset_after else 1.0
-    elif isinstance(gate_bias_init, bool) or not isinstance(gate_bias_init, numbers.Real):
+    elif not is_real_number(gate_bias_init):
         raise ValueError(f"gate_bias_init must be a number or None, got {gate_bias_init!r}.")
     gate_bias_init = float(gate_bias_init)
     gates_size = 2 * num_units

@@ -5,7 +5,6 @@ Recurrent Neural Network (IndRNN): Building A Longer and Deeper RNN"):
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Optional
 
 import jax
@@ -20,12 +19,13 @@ from rnnlab.cells.base import (
     check_positive_int,
     glorot_uniform,
     hoistable_cell,
+    is_real_number,
     zero_state,
 )
 
 
 def _is_finite_real(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    return is_real_number(value) and math.isfinite(value)
 
 
 def _check_recurrent_max_abs(recurrent_max_abs: Optional[float]) -> None:
@@ -70,9 +70,8 @@ def indrnn(
 
     Follows the paper: ReLU by default, and `recurrent_max_abs` bounds `|u|` so that a
     gradient grows by at most `γ` over `T` steps (`|u| <= γ^(1/T)`, e.g. `2^(1/T)` with
-    ReLU). The step reads `clip(u, −recurrent_max_abs, recurrent_max_abs)`, as the
-    TensorFlow `IndRNNCell` of batzner/indrnn does, so gradients follow the clip: zero
-    for an entry beyond it (the authors' Theano and PyTorch code clips the stored `u`
+    ReLU). The step reads `clip(u, −recurrent_max_abs, recurrent_max_abs)`, so gradients
+    follow the clip: zero for an entry beyond it (the authors' code clips the stored `u`
     after each update instead; the numbers are the same while `u` stays within the clip).
 
     rnnlab's choices: `u` starts uniform in `recurrent_init_range`, by default `[0, 1]`,

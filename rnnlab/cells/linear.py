@@ -25,7 +25,6 @@ Each sets `linear_recurrence`, so `rnnlab.unroll(..., method="associative")` run
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 import jax
@@ -41,6 +40,7 @@ from rnnlab.cells.base import (
     check_positive_int,
     glorot_uniform,
     hoistable_cell,
+    is_real_number,
     zero_state,
 )
 
@@ -348,7 +348,7 @@ def _rg_lru_coefficients(z: Array, logits: Array, c: float) -> tuple[Array, Arra
 
 def _check_positive_finite(value: float, name: str, cell: str) -> None:
     """Raises `ValueError` unless `value` is a real number, finite and > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+    if not is_real_number(value) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{cell} needs a finite {name} > 0, got {value!r}.")
 
 

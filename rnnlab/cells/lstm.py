@@ -23,6 +23,7 @@ from rnnlab.cells.base import (
     check_positive_int,
     hoistable_cell,
     glorot_uniform,
+    is_real_number,
     orthogonal,
 )
 from rnnlab.cells.lstm_scan import lstm_fused_scan, normalise
@@ -63,7 +64,7 @@ def _check_clip(value: float | None, name: str) -> float | None:
     """Returns `value` as a float (or None), raising `ValueError` unless it is positive."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    if not is_real_number(value) or not value > 0:
         raise ValueError(f"{name} must be a positive number or None, got {value!r}.")
     return float(value)
 
