@@ -38,24 +38,31 @@ CPU), "static", or for the linear cells "associative" (`lax.associative_scan`, f
 GPU/TPU).
 
 The workdir holds what `rnnlab.train.train` writes (`val_*` and `test_*` metrics),
-`baseline_loss` added to `results.json`, and `curves.png`. The defaults take a minute
-or two on a 2-core CPU: `adding` trains an LSTM(64) on T = 100, `copy_memory` one LRU
-block (width 64, N = 64) on T = 100 (an LSTM stays at the baseline there for thousands
-of steps; `--config.cell=lstm` shows it):
+`baseline_loss` added to `results.json`, and `curves.png`. The defaults take about a
+minute on a 2-core CPU. `adding` trains an LSTM(64) on T = 100 for 5000 steps: test
+MSE 0.00045 against the baseline's 0.167, 96% within 0.04. `copy_memory` trains one LRU
+block (width 64, N = 64) on T = 100 for 2000 steps: test cross-entropy 3e-6 against
+0.173, every symbol recalled (an LSTM(64) stayed at the baseline, 0.1737 and 14%, for
+3000 steps: `--config.cell=lstm --config.num_steps=3000`).
 
     python launch.py --experiment=adding --workdir=runs/adding
     python launch.py --experiment=copy_memory --workdir=runs/copy_memory
     python launch.py --experiment=adding --mode=eval --workdir=runs/adding
 
-The long-memory settings, T = 1000, with the LRU stack (on a GPU add
-`--config.unroll_method=associative`; fewer training examples keep the training set of
-1000-step sequences small):
+The long-memory setting, T = 1000, with the LRU's eigenvalues initialised nearer the
+unit circle (with the default ring [0.9, 0.999], copy memory reached only 37% in 2000
+steps); fewer training examples keep the training set of 1000-step sequences small. On
+a GPU add `--config.unroll_method=associative`. On a 2-core CPU, copy memory took 3.7
+minutes to recall 99.997% of the test symbols (cross-entropy 5e-6 against 0.020); the
+adding problem, cut to `--config.num_steps=1500` (5 minutes), reached a test MSE of
+0.021 against 0.167, still falling:
 
+    python launch.py --experiment=copy_memory --workdir=runs/copy_lru_1000 \
+        --config.delay=1000 --config.num_train_examples=20000 \
+        --config.r_min=0.99 --config.r_max=0.9999
     python launch.py --experiment=adding --workdir=runs/adding_lru_1000 \
         --config.cell=lru --config.num_layers=2 --config.seq_len=1000 \
-        --config.num_train_examples=20000
-    python launch.py --experiment=copy_memory --workdir=runs/copy_lru_1000 \
-        --config.delay=1000 --config.num_train_examples=20000
+        --config.num_train_examples=20000 --config.r_min=0.99 --config.r_max=0.9999
 """
 
 from __future__ import annotations
