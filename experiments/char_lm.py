@@ -39,7 +39,7 @@ from rnnlab.metrics import read_metrics
 
 from experiments import common, registry
 
-CELL_TYPES = ("rnn", "gru", "lstm", "ln_lstm")
+CELL_TYPES = ("rnn", "indrnn", "gru", "lstm", "ln_lstm")
 VOCAB_FILE = "vocab.json"
 SAMPLES_FILE = "samples.txt"
 EVAL_SPLITS = {"val": "validation", "test": "test"}  # results key prefix -> text split
@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     Model fields:
       cell: the recurrent cell of every layer, one of `CELL_TYPES` ("ln_lstm" is the
-        layer-normalised LSTM).
+        layer-normalised LSTM, "indrnn" the IndRNN with ReLU).
       num_layers: depth of the recurrent stack.
       width: units per layer.
       embed_dim: size of the character embedding.
@@ -174,6 +174,8 @@ def make_cell(kind: str, width: int, gru_reset_after: bool = True) -> RNNCell:
 
     if kind == "rnn":
         return rnnlab.cells.basic_rnn(width)
+    if kind == "indrnn":
+        return rnnlab.cells.indrnn(width)
     if kind == "gru":
         return gru(width, reset_after=gru_reset_after)
     if kind == "lstm":

@@ -8,21 +8,19 @@ eval and resume take the order from `config.json`). `config.pixel_stride` keeps 
 
 Two models:
 * "lstm": one LSTM layer over the pixels, `lax.scan`, its last output classified.
-* "lru", "min_gru": the stack of the LRU paper (Orvieto et al. 2023): a linear encoder
-  `1 -> H`, then `num_layers` residual blocks
-  `x + dropout(GLU(GELU(cell(LayerNorm(x)))))` with a linear-recurrence cell (`lru(H, N)`
-  or `min_gru(H)`), mean pooling over time and a linear classifier. The cells are
+* "lru", "min_gru", "rg_lru": the stack of the LRU paper (Orvieto et al. 2023,
+  `experiments.linear_blocks`): a linear encoder `1 -> H`, then `num_layers` residual
+  blocks `x + dropout(GLU(GELU(cell(LayerNorm(x)))))` with a linear-recurrence cell
+  (`lru(H, N)`, `min_gru(H)` or `rg_lru(H)`), mean pooling over time and a linear
+  classifier. The cells are
   unrolled with `config.unroll_method`: "associative", "scan", "static" (slow to
   compile), or "auto" (the default: the associative scan on GPU/TPU, `lax.scan` on
   CPU, where this model's train step with the hoisted sequential scan of the linear
   recurrence measured 1.05-1.3x faster than with the associative scan, and compiles
   faster; docs/benchmarks.md).
 
-The LRU paper trains the recurrence's `ν_log, θ_log, γ_log` with a smaller learning rate.
-`rnnlab.train` has one learning rate for all params, so the model stores these three as
-`value / recurrent_lr_factor` and multiplies them back before use: Adam's step is
-invariant to the gradient's scale, so the values then move `recurrent_lr_factor` times
-as fast as the other params.
+The LRU paper trains the recurrence's `ν_log, θ_log, γ_log` with a smaller learning rate:
+`config.recurrent_lr_factor` (see `experiments.linear_blocks`).
 """
 
 from __future__ import annotations
@@ -38,16 +36,15 @@ import numpy as np
 
 import rnnlab
 from rnnlab import distributed, plots, train
-from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, check_positive_int
-from rnnlab.cells.linear import lru, min_gru
+from rnnlab.cells.base import Array, Params, PRNGKey, check_positive_int
 from rnnlab.cells.lstm import lstm
 from rnnlab.metrics import read_metrics
 
-from experiments import common, mnist, registry
+from experiments import common, linear_blocks, mnist, registry
+from experiments.linear_blocks import apply_dense, dense
 
 NUM_STEPS = mnist.NUM_ROWS * mnist.NUM_PIXELS  # 784
-CELL_TYPES = ("lstm", "lru", "min_gru")
-RECURRENT_KEYS = ("nu_log", "theta_log", "gamma_log")
+CELL_TYPES = ("lstm",) + linear_blocks.LINEAR_CELL_TYPES
 LINEAR_FIELDS = ("state_size", "num_layers", "r_min", "r_max", "max_phase", "recurrent_lr_factor", "dropout")
 """The config fields of the linear stack only; the LSTM's configs lack them."""
 UNROLL_METHODS = {"lstm": ("auto", "scan", "static"), "linear": ("auto", "associative", "scan", "static")}
@@ -114,9 +111,9 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
         config.dropout = 0.0
     config.augment_shift = 0
     # With optimizer="adamw": decay neither the recurrence (decaying ν_log towards 0
-    # would pull |λ| = exp(-exp(ν_log)) away from 1 and shorten the memory), nor the
-    # LayerNorm params and biases.
-    config.weight_decay_exclude = r"nu_log|theta_log|gamma_log|\['norm'\]|\['b'\]"
+    # would pull |λ| = exp(-exp(ν_log)) away from 1 and shorten the memory, and so would
+    # decaying the RG-LRU's Λ towards 0, σ(0) = 1/2), nor the LayerNorm params and biases.
+    config.weight_decay_exclude = r"nu_log|theta_log|gamma_log|lambda|\['norm'\]|\['b'\]"
     config.unroll_method = "scan" if cell == "lstm" else "auto"
     config.permuted = permuted
     config.permutation_seed = 0
@@ -176,41 +173,6 @@ def pixel_sequences(images: Array, order: np.ndarray) -> Array:
     return (jnp.take(flat, jnp.asarray(order), axis=1).astype(jnp.float32) / 255.0)[..., None]
 
 
-def _dense(key: PRNGKey, fan_in: int, fan_out: int) -> Params:
-    return {"w": jax.nn.initializers.glorot_uniform()(key, (fan_in, fan_out)), "b": jnp.zeros((fan_out,))}
-
-
-def _apply_dense(params: Params, x: Array) -> Array:
-    return x @ params["w"] + params["b"]
-
-
-def _layer_norm(params: Params, x: Array) -> Array:
-    """LayerNorm over the last axis of `x: [..., H]`, with scale and bias `[H]`."""
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    variance = jnp.var(x, axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(variance + 1e-5) * params["scale"] + params["bias"]
-
-
-def _scale_recurrent(cell_params: Params, factor: float) -> Params:
-    """`cell_params` with `RECURRENT_KEYS` multiplied by `factor` (see the module docstring)."""
-    return {name: value * factor if name in RECURRENT_KEYS else value for name, value in cell_params.items()}
-
-
-def _dropout(rng: Optional[PRNGKey], rate: float, x: Array) -> Array:
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
-
-
-def make_linear_cell(config: ml_collections.ConfigDict) -> RNNCell:
-    """The recurrence of one block of the linear stack: `lru(H, N, ...)` or `min_gru(H)`."""
-    if config.cell == "lru":
-        return lru(config.num_units, config.state_size, r_min=config.r_min, r_max=config.r_max,
-                   max_phase=config.max_phase)
-    return min_gru(config.num_units)
-
-
 def build_model(config: ml_collections.ConfigDict) -> mnist.Model:
     """The classifier of `config`: `logits(params, images, lengths=None, rng=None) -> [B, 10]`
     for uint8 `images: [B, 28, 28]` (`lengths` is not supported and must be `None`)."""
@@ -227,57 +189,31 @@ def _lstm_model(config: ml_collections.ConfigDict, order: np.ndarray) -> mnist.M
 
     def init(key: PRNGKey) -> Params:
         cell_key, out_key = jax.random.split(key)
-        return {"rnn": cell.init(cell_key, 1), "classifier": _dense(out_key, config.num_units, mnist.NUM_CLASSES)}
+        return {"rnn": cell.init(cell_key, 1), "classifier": dense(out_key, config.num_units, mnist.NUM_CLASSES)}
 
     def logits(params: Params, images: Array, lengths: None = None, rng: Optional[PRNGKey] = None) -> Array:
         del lengths, rng
         outputs, _ = rnnlab.unroll(cell, params["rnn"], pixel_sequences(images, order), method=_unroll_method(config))
-        return _apply_dense(params["classifier"], outputs[:, -1])  # outputs: [B, T, H]
+        return apply_dense(params["classifier"], outputs[:, -1])  # outputs: [B, T, H]
 
     return mnist.Model(init, logits)
 
 
 def _linear_stack_model(config: ml_collections.ConfigDict, order: np.ndarray) -> mnist.Model:
-    cell = make_linear_cell(config)
-    width, factor = config.num_units, config.recurrent_lr_factor
-
-    def init_block(key: PRNGKey) -> Params:
-        cell_key, value_key, gate_key = jax.random.split(key, 3)
-        return {
-            "norm": {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))},
-            "cell": _scale_recurrent(cell.init(cell_key, width), 1.0 / factor),
-            "glu_value": _dense(value_key, width, width),
-            "glu_gate": _dense(gate_key, width, width),
-        }
+    blocks = linear_blocks.residual_blocks(
+        linear_blocks.make_linear_cell(config), 1, _unroll_method(config),
+        dropout_rate=config.dropout, recurrent_lr_factor=config.recurrent_lr_factor,
+    )
 
     def init(key: PRNGKey) -> Params:
         encoder_key, out_key, *block_keys = jax.random.split(key, 2 + config.num_layers)
-        return {
-            "encoder": _dense(encoder_key, 1, width),
-            "blocks": [init_block(block_key) for block_key in block_keys],
-            "classifier": _dense(out_key, width, mnist.NUM_CLASSES),
-        }
-
-    def block(params: Params, x: Array, rng: Optional[PRNGKey]) -> Array:
-        """One residual block on time-major `x: [T, B, H]`."""
-        cell_params = _scale_recurrent(params["cell"], factor)
-        normed = _layer_norm(params["norm"], x)
-        y, _ = rnnlab.unroll(cell, cell_params, normed, method=_unroll_method(config), time_major=True)
-        y = jax.nn.gelu(y)
-        y = _apply_dense(params["glu_value"], y) * jax.nn.sigmoid(_apply_dense(params["glu_gate"], y))
-        return x + _dropout(rng, config.dropout, y)
+        return {**blocks.init(encoder_key, block_keys), "classifier": dense(out_key, config.num_units, mnist.NUM_CLASSES)}
 
     def logits(params: Params, images: Array, lengths: None = None, rng: Optional[PRNGKey] = None) -> Array:
         del lengths
-        # Time-major throughout: the unroll then needs no transposes of the [B, T, H]
-        # activations, which XLA:CPU fuses into slow strided copies (with the associative
-        # scan, a train step measured 1057 ms batch-major against 602 ms time-major).
-        pixels = jnp.swapaxes(pixel_sequences(images, order), 0, 1)  # [T, B, 1]
-        x = _apply_dense(params["encoder"], pixels)  # [T, B, H]
-        rngs = [None] * config.num_layers if rng is None else list(jax.random.split(rng, config.num_layers))
-        for block_params, block_rng in zip(params["blocks"], rngs):
-            x = block(block_params, x, block_rng)
-        return _apply_dense(params["classifier"], jnp.mean(x, axis=0))
+        pixels = jnp.swapaxes(pixel_sequences(images, order), 0, 1)  # time-major [T, B, 1]
+        x = blocks.apply({"encoder": params["encoder"], "blocks": params["blocks"]}, pixels, rng)  # [T, B, H]
+        return apply_dense(params["classifier"], jnp.mean(x, axis=0))
 
     return mnist.Model(init, logits)
 

@@ -26,10 +26,10 @@ depends on its own draws only, a set of `n` examples is the first `n` rows of a 
   `10 log(8) / (delay + 20)`, the `baseline_loss`, and an accuracy of 1/8.
 
 The model, for `config.cell` in `CELL_TYPES`:
-* "rnn", "gru", "lstm", "ln_lstm" (`experiments.char_lm.make_cell`): `num_layers`
+* "rnn", "indrnn", "gru", "lstm", "ln_lstm" (`experiments.char_lm.make_cell`): `num_layers`
   stacked cells of `num_units` over the inputs (copy memory's tokens one-hot), then a
   linear head on every step's output.
-* "lru", "min_gru" (`experiments.pixel_mnist.make_linear_cell`): the residual blocks
+* "lru", "min_gru", "rg_lru" (`experiments.linear_blocks`): the residual blocks
   of the LRU paper (Orvieto et al. 2023): a linear encoder to `num_units`, then
   `num_layers` blocks `x + GLU(GELU(cell(LayerNorm(x))))`, then the linear head. A
   linear recurrence alone cannot multiply a value by its marker; the blocks can.
@@ -85,11 +85,12 @@ from rnnlab.metrics import read_metrics
 from rnnlab.unroll import METHODS
 
 from experiments import common, registry
+from experiments.char_lm import CELL_TYPES as CHAR_LM_CELL_TYPES
 from experiments.char_lm import make_cell
-from experiments.pixel_mnist import _apply_dense, _dense, _layer_norm, make_linear_cell
+from experiments.linear_blocks import LINEAR_CELL_TYPES, apply_dense, dense, make_linear_cell, residual_blocks
 
-STACKED_CELLS = ("rnn", "gru", "lstm", "ln_lstm")
-LINEAR_CELLS = ("lru", "min_gru")
+STACKED_CELLS = CHAR_LM_CELL_TYPES
+LINEAR_CELLS = LINEAR_CELL_TYPES
 CELL_TYPES = STACKED_CELLS + LINEAR_CELLS
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 """Each split's examples come from `np.random.default_rng((data_seed, stream))`."""
@@ -173,11 +174,11 @@ def build_model(config: ml_collections.ConfigDict, input_size: int, output_size:
 
     def init(key: PRNGKey) -> Params:
         body_key, head_key = jax.random.split(key)
-        return {"body": body_init(body_key), "head": _dense(head_key, config.num_units, output_size)}
+        return {"body": body_init(body_key), "head": dense(head_key, config.num_units, output_size)}
 
     def apply(params: Params, inputs: Array) -> Array:
         features = body_apply(params["body"], jnp.swapaxes(inputs, 0, 1))  # [T, B, H]
-        return jnp.swapaxes(_apply_dense(params["head"], features), 0, 1)
+        return jnp.swapaxes(apply_dense(params["head"], features), 0, 1)
 
     return Model(init, apply)
 
@@ -197,34 +198,14 @@ def _stacked_cells(config: ml_collections.ConfigDict, input_size: int) -> BodyFn
 
 
 def _linear_blocks(config: ml_collections.ConfigDict, input_size: int) -> BodyFns:
-    """A linear encoder to `num_units`, then `num_layers` residual blocks around
-    `make_linear_cell(config)`."""
-    cell = make_linear_cell(config)
-    width = config.num_units
-
-    def init_block(key: PRNGKey) -> Params:
-        cell_key, value_key, gate_key = jax.random.split(key, 3)
-        return {
-            "norm": {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))},
-            "cell": cell.init(cell_key, width),
-            "glu_value": _dense(value_key, width, width),
-            "glu_gate": _dense(gate_key, width, width),
-        }
+    """The residual stack of `experiments.linear_blocks` around `make_linear_cell(config)`."""
+    blocks = residual_blocks(make_linear_cell(config), input_size, config.unroll_method)
 
     def init(key: PRNGKey) -> Params:
         encoder_key, *block_keys = jax.random.split(key, 1 + config.num_layers)
-        return {"encoder": _dense(encoder_key, input_size, width), "blocks": [init_block(k) for k in block_keys]}
+        return blocks.init(encoder_key, block_keys)
 
-    def apply(params: Params, inputs: Array) -> Array:
-        x = _apply_dense(params["encoder"], inputs)
-        for block in params["blocks"]:
-            y = rnnlab.unroll(cell, block["cell"], _layer_norm(block["norm"], x), method=config.unroll_method,
-                              time_major=True)[0]
-            y = jax.nn.gelu(y)
-            x = x + _apply_dense(block["glu_value"], y) * jax.nn.sigmoid(_apply_dense(block["glu_gate"], y))
-        return x
-
-    return init, apply
+    return init, blocks.apply
 
 
 def adding_task(model: Model, tolerance: float) -> train.Task:
@@ -306,7 +287,7 @@ def get_config(name: str) -> ml_collections.ConfigDict:
       num_layers: stacked cells, or residual blocks of the linear cells.
       state_size, r_min, r_max, max_phase: the LRU's complex state size and ring
         initialisation (`rnnlab.cells.lru`); other cells ignore them.
-      unroll_method: "scan", "static", or for "lru" and "min_gru" "associative".
+      unroll_method: "scan", "static", or for the linear cells (`LINEAR_CELLS`) "associative".
     Data fields:
       data_seed: seeds the generated examples (see `SPLIT_STREAMS`).
       num_train_examples, num_val_examples, num_test_examples: the sizes of the

@@ -13,7 +13,7 @@ import pytest
 
 from data_fixtures import write_mnist_idx
 from rnnlab.checkpoint import CheckpointError
-from experiments import mnist, pixel_mnist, registry
+from experiments import linear_blocks, mnist, pixel_mnist, registry
 
 PIXEL_EXPERIMENTS = sorted(pixel_mnist.EXPERIMENTS)
 
@@ -151,7 +151,7 @@ def test_linear_stack_matches_a_numpy_reference():
 
 
 def test_block_dropout_is_inverted_dropout():
-    dropped = np.asarray(pixel_mnist._dropout(jax.random.PRNGKey(0), 0.25, np.ones(50_000, np.float32)))
+    dropped = np.asarray(linear_blocks.dropout(jax.random.PRNGKey(0), 0.25, np.ones(50_000, np.float32)))
     np.testing.assert_allclose(np.unique(dropped), [0.0, 1 / 0.75], rtol=1e-6)
     assert dropped.mean() == pytest.approx(1.0, abs=0.02)  # the expectation is kept
 
