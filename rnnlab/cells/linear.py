@@ -25,7 +25,7 @@ Each sets `linear_recurrence`, so `rnnlab.unroll(..., method="associative")` run
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -120,19 +120,39 @@ def _minimal_rnn(
             "b": jnp.zeros((num_blocks * num_units,)),
         }
 
+    return _projected_linear_cell(
+        name,
+        num_units,
+        init,
+        lambda params, z: coefficients(z),
+        (lambda params, z: log_coefficients(z)) if log_space else None,
+    )
+
+
+def _projected_linear_cell(
+    name: str,
+    num_units: int,
+    init: Callable[[PRNGKey, int], Params],
+    coefficients: Callable[[Params, Array], tuple[Array, Array]],
+    log_coefficients: Optional[Callable[[Params, Array], tuple[Array, Array]]] = None,
+) -> RNNCell:
+    """A cell `h' = a ⊙ h + b`, `y = h'`, `h: [num_units]` (zeros initially), with
+    `(a, b) = coefficients(params, z)` from its hoisted projection `z = x·W_x + b`
+    (`params["w_x"]`, `params["b"]`); the associative unroll scans
+    `log_coefficients(params, z)` in log space when given."""
+
     def projected_step(params: Params, h: Array, z: Array) -> tuple[Array, Array]:
-        del params
-        a, b = coefficients(z)
+        a, b = coefficients(params, z)
         h = a * h + b
         return h, h
 
-    def logs(params: Params, x: Array) -> tuple[Array, Array]:
-        return log_coefficients(affine_input_projection(params, x))
+    def of_input(fn: Callable[[Params, Array], tuple[Array, Array]]) -> Callable[[Params, Array], tuple[Array, Array]]:
+        return lambda params, x: fn(params, affine_input_projection(params, x))
 
     recurrence = LinearRecurrence(
-        coefficients=lambda params, x: coefficients(affine_input_projection(params, x)),
+        coefficients=of_input(coefficients),
         readout=output_is_state,
-        log_coefficients=logs if log_space else None,
+        log_coefficients=None if log_coefficients is None else of_input(log_coefficients),
     )
     return hoistable_cell(
         name,
@@ -409,20 +429,6 @@ def rg_lru(num_units: int, *, c: float = 8.0, min_radius: float = 0.9, max_radiu
             "lambda": _ring_logits(k_lambda, num_units, min_radius, max_radius),
         }
 
-    def projected_step(params: Params, h: Array, z: Array) -> tuple[Array, Array]:
-        a, b = _rg_lru_coefficients(z, params["lambda"], c)
-        h = a * h + b
-        return h, h
-
-    def coefficients(params: Params, x: Array) -> tuple[Array, Array]:
-        return _rg_lru_coefficients(affine_input_projection(params, x), params["lambda"], c)
-
-    return hoistable_cell(
-        name,
-        num_units,
-        init,
-        zero_state(num_units, "w_x"),
-        affine_input_projection,
-        projected_step,
-        linear_recurrence=LinearRecurrence(coefficients=coefficients, readout=output_is_state),
+    return _projected_linear_cell(
+        name, num_units, init, lambda params, z: _rg_lru_coefficients(z, params["lambda"], c)
     )
