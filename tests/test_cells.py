@@ -148,24 +148,16 @@ def test_basic_rnn_matches_reference():
     _assert_matches_reference("rnn", {})
 
 
-@pytest.mark.parametrize("options", LSTM_OPTIONS.values(), ids=LSTM_OPTIONS.keys())
-def test_lstm_matches_reference(options):
-    _assert_matches_reference("lstm", options)
+REFERENCE_CASES = {
+    f"{kind}-{name}": (kind, options)
+    for kind, cases in {"lstm": LSTM_OPTIONS, "gru": GRU_OPTIONS, "indrnn": INDRNN_OPTIONS, "rg_lru": RG_LRU_OPTIONS}.items()
+    for name, options in cases.items()
+}
 
 
-@pytest.mark.parametrize("options", GRU_OPTIONS.values(), ids=GRU_OPTIONS.keys())
-def test_gru_matches_reference(options):
-    _assert_matches_reference("gru", options)
-
-
-@pytest.mark.parametrize("options", INDRNN_OPTIONS.values(), ids=INDRNN_OPTIONS.keys())
-def test_indrnn_matches_reference(options):
-    _assert_matches_reference("indrnn", options)
-
-
-@pytest.mark.parametrize("options", RG_LRU_OPTIONS.values(), ids=RG_LRU_OPTIONS.keys())
-def test_rg_lru_matches_reference(options):
-    _assert_matches_reference("rg_lru", options)
+@pytest.mark.parametrize("kind, options", REFERENCE_CASES.values(), ids=REFERENCE_CASES.keys())
+def test_cell_matches_reference(kind, options):
+    _assert_matches_reference(kind, options)
 
 
 CLIPS = [
