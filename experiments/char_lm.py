@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     Model fields:
       cell: the recurrent cell of every layer, one of `CELL_TYPES` ("ln_lstm" is the
-        layer-normalised LSTM, "indrnn" the IndRNN with ReLU).
+        layer-normalised LSTM, "indrnn" the IndRNN with ReLU and `|u| <= 1`).
       num_layers: depth of the recurrent stack.
       width: units per layer.
       embed_dim: size of the character embedding.
@@ -174,8 +174,8 @@ def make_cell(kind: str, width: int, gru_reset_after: bool = True) -> RNNCell:
 
     if kind == "rnn":
         return rnnlab.cells.basic_rnn(width)
-    if kind == "indrnn":
-        return rnnlab.cells.indrnn(width)
+    if kind == "indrnn":  # |u| <= 1: a ReLU unit cannot grow its own state step after step
+        return rnnlab.cells.indrnn(width, recurrent_max_abs=1.0)
     if kind == "gru":
         return gru(width, reset_after=gru_reset_after)
     if kind == "lstm":

@@ -26,7 +26,8 @@ import ml_collections
 
 import rnnlab
 from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell
-from rnnlab.cells.linear import lru, min_gru, rg_lru
+from rnnlab.cells.griffin import rg_lru
+from rnnlab.cells.linear import lru, min_gru
 
 LINEAR_CELL_TYPES = ("lru", "min_gru", "rg_lru")
 LRU_RECURRENT_KEYS = ("nu_log", "theta_log", "gamma_log")
@@ -34,12 +35,13 @@ LRU_RECURRENT_KEYS = ("nu_log", "theta_log", "gamma_log")
 
 def make_linear_cell(config: ml_collections.ConfigDict) -> RNNCell:
     """The recurrence of one block: `lru(H, N, r_min, r_max, max_phase)`, `min_gru(H)`
-    or `rg_lru(H)` for `config.cell` in `LINEAR_CELL_TYPES` and `H = config.num_units`."""
+    or `rg_lru(H, min_radius=r_min, max_radius=r_max)` for `config.cell` in
+    `LINEAR_CELL_TYPES` and `H = config.num_units`."""
     if config.cell == "lru":
         return lru(config.num_units, config.state_size, r_min=config.r_min, r_max=config.r_max,
                    max_phase=config.max_phase)
     if config.cell == "rg_lru":
-        return rg_lru(config.num_units)
+        return rg_lru(config.num_units, min_radius=config.r_min, max_radius=config.r_max)
     return min_gru(config.num_units)
 
 
@@ -94,7 +96,21 @@ def residual_blocks(
     dropout_rate: float = 0.0,
     recurrent_lr_factor: float = 1.0,
 ) -> ResidualBlocks:
-    """The stack around `cell` (width `H = cell.output_size`), unrolled by `method`."""
+    """The encoder and blocks around `cell`.
+
+    Args:
+      cell: the blocks' recurrence, of width `H = cell.output_size` (its input size is
+        `H` too).
+      input_size: `I`, the features per step the encoder reads.
+      method: `rnnlab.unroll`'s method for every block.
+      dropout_rate: drop rate after every block's GLU, when `apply` gets an `rng`.
+      recurrent_lr_factor: the learning-rate factor of the LRU's `LRU_RECURRENT_KEYS`
+        (module docstring); other cells have none of them.
+
+    `init` takes the encoder's key and the blocks' keys apart, so that a model can
+    split one key among them and its own layers in the order it always has (the
+    pixel-MNIST models keep their parameters, and results, seed for seed).
+    """
     width, factor = cell.output_size, recurrent_lr_factor
 
     def init_block(key: PRNGKey) -> Params:

@@ -66,8 +66,10 @@ def get_config(cell: str = "lru", permuted: bool = False) -> ml_collections.Conf
     Fields of the linear stack only (`LINEAR_FIELDS`; the LSTM's config lacks them):
       state_size: `N`, the LRU's complex state size.
       num_layers: residual blocks (the LSTM has one layer).
-      r_min, r_max, max_phase: the LRU's ring initialisation.
-      recurrent_lr_factor: learning-rate factor of the LRU's `ν_log, θ_log, γ_log`.
+      r_min, r_max, max_phase: the LRU's ring initialisation (`r_min`, `r_max`: the
+        RG-LRU's too; `min_gru` ignores them).
+      recurrent_lr_factor: learning-rate factor of the LRU's `ν_log, θ_log, γ_log` (the
+        other linear cells have no such params: it changes nothing for them).
       dropout: drop rate in [0, 1) after every block's GLU (training only).
     Data fields:
       permuted: read the pixels in the order of a fixed random permutation.

@@ -286,7 +286,8 @@ def get_config(name: str) -> ml_collections.ConfigDict:
       num_units: the cells' width (the linear blocks' model width).
       num_layers: stacked cells, or residual blocks of the linear cells.
       state_size, r_min, r_max, max_phase: the LRU's complex state size and ring
-        initialisation (`rnnlab.cells.lru`); other cells ignore them.
+        initialisation (`rnnlab.cells.lru`; `r_min`, `r_max` also set the RG-LRU's
+        ring); other cells ignore them.
       unroll_method: "scan", "static", or for the linear cells (`LINEAR_CELLS`) "associative".
     Data fields:
       data_seed: seeds the generated examples (see `SPLIT_STREAMS`).

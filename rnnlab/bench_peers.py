@@ -166,8 +166,9 @@ def _keras(mode: str, weights: LSTMWeights, x: np.ndarray, labels: np.ndarray) -
     """Keras 3's `layers.LSTM` (gates `i, f, c, o`) on its JAX backend, called through
     `Model.stateless_call` so that the step is jitted like the other JAX peers'.
 
-    Keras fixes its backend when first imported: this sets `KERAS_BACKEND=jax` unless
-    the environment already names one, and refuses a Keras imported on another backend.
+    Keras fixes its backend when first imported: this sets `KERAS_BACKEND=jax` for the
+    process unless the environment already names one (so a later `tf.keras` in the same
+    process runs on JAX too), and refuses a Keras imported on another backend.
     """
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras

@@ -147,7 +147,8 @@ def unroll(
         else:
             _check_batched_state(initial_state, batch_size)
         initial_state = _state_for_steps(cell, params, initial_state, xs)
-    except TypeError:  # e.g. a matmul of mismatched shapes: name the param that does not fit, if one does not
+    except (TypeError, KeyError, AttributeError):  # e.g. a missing param or a matmul of mismatched shapes:
+        # name the params that do not fit, if some do not
         check_params(cell, params, xs.shape[-1])
         raise
     # After the cell's own checks, whose messages say more (e.g. of the input size); this

@@ -417,9 +417,14 @@ def trainable_initial_state(cell: RNNCell) -> RNNCell:
 
     Everything else is the cell's own: its step, its hoisted input projection, its
     fused scan and its linear recurrence (`method="associative"` applies), so it unrolls
-    as fast as the cell. In a `stack`, wrap the layers rather than the stack, so that
-    the unroll still runs the stack layer by layer.
+    as fast as the cell. A `stack` becomes the stack of its layers so wrapped (params: a
+    tuple of the layers' `{"cell", "initial_state"}`), so that the unroll still runs it
+    layer by layer.
     """
+    if not isinstance(cell, RNNCell):
+        raise TypeError(f"trainable_initial_state needs an rnnlab RNNCell, got {type(cell).__name__}.")
+    if cell.layers is not None:
+        return stack([trainable_initial_state(layer) for layer in cell.layers])
     name = f"trainable_initial_state({cell.name})"
 
     def init(key: PRNGKey, input_size: int) -> Params:

@@ -14,15 +14,8 @@ import pytest
 import rnnlab
 import rnnlab.linen
 from rnnlab.cells import basic_rnn, indrnn, lstm
-from rnnlab.cells.linear import (
-    SQRT_DERIVATIVE_BOUND,
-    lru,
-    lru_eigenvalues,
-    min_gru,
-    min_lstm,
-    rg_lru,
-    sqrt_bounded_derivative,
-)
+from rnnlab.cells.griffin import SQRT_DERIVATIVE_BOUND, rg_lru, sqrt_bounded_derivative
+from rnnlab.cells.linear import lru, lru_eigenvalues, min_gru, min_lstm
 from rnnlab.linear_unroll import default_block_size
 
 B, T = 4, 7

@@ -13,7 +13,7 @@ from jax.test_util import check_grads
 
 from rnnlab.cells.gru import gru
 from rnnlab.cells.indrnn import indrnn
-from rnnlab.cells.linear import rg_lru
+from rnnlab.cells.griffin import rg_lru
 from rnnlab.cells.lstm import LSTMState, lstm
 from rnnlab.cells.rnn import basic_rnn
 
@@ -198,6 +198,31 @@ def test_indrnn_recurrent_clip_binds():
     assert np.abs(ys - unclipped_ys).max() > 1e-2
 
 
+def test_indrnn_gradient_passes_the_clip_at_the_clipped_weight():
+    """Past `recurrent_max_abs`, `u` gets the gradient of the clipped weight it acts with
+    (what the authors' clip after each update gives), not the clip's zero derivative: it
+    equals the unclipped cell's gradient at `u = clip(u)`."""
+    options = INDRNN_OPTIONS["relu_clip"]
+    cell, _ = _make("indrnn", options)
+    unclipped_cell, _ = _make("indrnn", {**options, "recurrent_max_abs": None})
+    params, xs = _params(cell), _inputs()
+    bound = options["recurrent_max_abs"]
+    beyond = np.abs(np.asarray(params["u"])) > bound
+    assert beyond.any() and not beyond.all()
+
+    def loss(cell, params):
+        state, total = cell.initial_state(params), 0.0
+        for x in xs:
+            state, y = cell.step(params, state, x)
+            total = total + jnp.sum(jnp.sin(y))
+        return total
+
+    grads = jax.grad(functools.partial(loss, cell))(params)
+    at_clip = jax.grad(functools.partial(loss, unclipped_cell))({**params, "u": jnp.clip(params["u"], -bound, bound)})
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, at_clip)
+    assert np.all(np.abs(np.asarray(grads["u"])[beyond]) > 0)
+
+
 @pytest.mark.parametrize(
     "family, options",
     [
@@ -242,7 +267,7 @@ def test_step_equals_projected_step_with_leading_axes(family, options):
         ("lstm", LSTM_OPTIONS["ln_all"]),
         ("gru", GRU_OPTIONS["tf1"]),
         ("gru", GRU_OPTIONS["reset_after"]),
-        ("indrnn", INDRNN_OPTIONS["relu_clip"]),
+        ("indrnn", INDRNN_OPTIONS["relu"]),  # the clip's gradient: the test below
         ("rg_lru", RG_LRU_OPTIONS["c4_wide_ring"]),
     ],
     ids=["lstm_peep_proj_clips", "lstm_ln_all", "gru", "gru_ra", "indrnn", "rg_lru"],
@@ -404,6 +429,9 @@ def test_step_rejects_bad_input(factory):
         (lambda: rg_lru(H, min_radius=0.99, max_radius=0.9), "min_radius=0.99, max_radius=0.9"),
         (lambda: rg_lru(H, max_radius=1.0), "max_radius < 1"),
         (lambda: rg_lru(H, min_radius=float("nan")), "min_radius=nan"),
+        (lambda: rg_lru(H, min_radius="0.5"), "0 < min_radius <= max_radius < 1, got min_radius='0.5'"),
+        (lambda: rg_lru(H, max_radius=1.0 - 1e-9), r"squared radii must lie strictly inside \(0, 1\) in float32"),
+        (lambda: rg_lru(H, min_radius=1e-30), r"squared radii must lie strictly inside \(0, 1\) in float32"),
         (lambda: rg_lru(H).init(jax.random.PRNGKey(0), 0), "input_size"),
         (lambda: indrnn(0), "num_units"),
         (lambda: indrnn(H, recurrent_max_abs=0.0), r"recurrent_max_abs None or a finite number > 0, got 0\.0"),

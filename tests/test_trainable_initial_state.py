@@ -99,9 +99,10 @@ def test_resets_restart_from_the_learned_state() -> None:
         assert_trees_close(final, final_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_a_stack_of_wrapped_layers_runs_layer_by_layer() -> None:
-    layers = [wrapped("lstm"), wrapped("gru")]
-    stack = rnnlab.stack(layers)
+def test_a_stack_gets_a_learned_state_per_layer_and_runs_layer_by_layer() -> None:
+    stack = rnnlab.trainable_initial_state(rnnlab.stack([PLAIN_CELLS["lstm"](), PLAIN_CELLS["gru"]()]))
+    layers = list(stack.layers)
+    assert [layer.name for layer in layers] == [wrapped("lstm").name, wrapped("gru").name]
     params = stack.init(jax.random.PRNGKey(6), I)
     params = [moved_params(layer, seed=7 + i) | {"cell": p["cell"]} for i, (layer, p) in enumerate(zip(layers, params))]
     xs = jax.random.normal(jax.random.PRNGKey(8), (B, T, I))
@@ -134,3 +135,11 @@ def test_gradient_of_the_learned_state_sums_the_examples_gradients(name: str, me
             lambda state: loss(rnnlab.unroll(cell, {"cell": params["cell"], "initial_state": state}, xs)[0]),
             (params["initial_state"],), order=1, modes=["rev"], eps=1e-3, atol=1e-3, rtol=1e-3,
         )
+
+
+def test_bad_input_is_refused_in_one_line() -> None:
+    with pytest.raises(TypeError, match="trainable_initial_state needs an rnnlab RNNCell, got str"):
+        rnnlab.trainable_initial_state("lstm")
+    plain_params = PLAIN_CELLS["lstm"]().init(jax.random.PRNGKey(0), I)  # the plain cell's params
+    with pytest.raises(ValueError, match=r"params do not fit trainable_initial_state\(lstm.*missing \['cell'\]"):
+        rnnlab.unroll(wrapped("lstm"), plain_params, jnp.ones((B, T, I)))

@@ -16,6 +16,7 @@ multiply before the sequential loop ("hoisting"); `step` always equals
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -101,6 +102,11 @@ class RNNCell(NamedTuple):
 def is_real_number(value: Any) -> bool:
     """Whether `value` is a real number, Python's or NumPy's; booleans are not numbers here."""
     return not isinstance(value, bool) and isinstance(value, numbers.Real)
+
+
+def is_positive_finite(value: Any) -> bool:
+    """Whether `value` is a real number (see `is_real_number`), finite and > 0."""
+    return is_real_number(value) and math.isfinite(value) and value > 0
 
 
 def check_positive_int(value: Any, name: str) -> int:

@@ -19,6 +19,7 @@ from rnnlab.cells.base import (
     check_positive_int,
     glorot_uniform,
     hoistable_cell,
+    is_positive_finite,
     is_real_number,
     zero_state,
 )
@@ -29,7 +30,7 @@ def _is_finite_real(value: object) -> bool:
 
 
 def _check_recurrent_max_abs(recurrent_max_abs: Optional[float]) -> None:
-    if recurrent_max_abs is not None and not (_is_finite_real(recurrent_max_abs) and recurrent_max_abs > 0):
+    if recurrent_max_abs is not None and not is_positive_finite(recurrent_max_abs):
         raise ValueError(f"indrnn needs recurrent_max_abs None or a finite number > 0, got {recurrent_max_abs!r}.")
 
 
@@ -38,7 +39,7 @@ def _recurrent_init_range(
 ) -> tuple[float, float]:
     """The checked `(low, high)` of the initial `u`: by default `[0, 1]`, cut to the clip."""
     if recurrent_init_range is None:
-        return 0.0, 1.0 if recurrent_max_abs is None else min(1.0, recurrent_max_abs)
+        return 0.0, (1.0 if recurrent_max_abs is None else min(1.0, recurrent_max_abs))
     if (
         not isinstance(recurrent_init_range, (tuple, list))
         or len(recurrent_init_range) != 2
@@ -53,7 +54,7 @@ def _recurrent_init_range(
     if recurrent_max_abs is not None and not -recurrent_max_abs <= low <= high <= recurrent_max_abs:
         raise ValueError(
             f"indrnn's recurrent_init_range {recurrent_init_range!r} must lie within the clip "
-            f"[-{recurrent_max_abs!r}, {recurrent_max_abs!r}] (a clipped weight gets no gradient)."
+            f"[-{recurrent_max_abs!r}, {recurrent_max_abs!r}] (a weight beyond it would start at the bound)."
         )
     return float(low), float(high)
 
@@ -70,9 +71,12 @@ def indrnn(
 
     Follows the paper: ReLU by default, and `recurrent_max_abs` bounds `|u|` so that a
     gradient grows by at most `γ` over `T` steps (`|u| <= γ^(1/T)`, e.g. `2^(1/T)` with
-    ReLU). The step reads `clip(u, −recurrent_max_abs, recurrent_max_abs)`, so gradients
-    follow the clip: zero for an entry beyond it (the authors' code clips the stored `u`
-    after each update instead; the numbers are the same while `u` stays within the clip).
+    ReLU). The step reads `clip(u, −recurrent_max_abs, recurrent_max_abs)`, and the
+    gradient of `u` is the gradient of that clipped weight (straight through the clip):
+    the authors clip the stored `u` after each update, so its gradient is always taken at
+    a weight within the clip; a cell is a pure function and cannot rewrite its params, so
+    an entry beyond the clip acts at the bound and still gets that gradient, rather than
+    the clip's true derivative, zero, which would freeze it there for good.
 
     rnnlab's choices: `u` starts uniform in `recurrent_init_range`, by default `[0, 1]`,
     cut to `[0, recurrent_max_abs]` when that is smaller (the authors initialise `u`
@@ -103,10 +107,12 @@ def indrnn(
         }
 
     def recurrent_weight(params: Params) -> Array:
-        """`u`, clipped to `[−recurrent_max_abs, recurrent_max_abs]` when that is set."""
+        """`u`, clipped to `[−recurrent_max_abs, recurrent_max_abs]` when that is set, with
+        the gradient passed straight through the clip."""
+        u = params["u"]
         if recurrent_max_abs is None:
-            return params["u"]
-        return jnp.clip(params["u"], -recurrent_max_abs, recurrent_max_abs)
+            return u
+        return u + jax.lax.stop_gradient(jnp.clip(u, -recurrent_max_abs, recurrent_max_abs) - u)
 
     def projected_step(params: Params, h: Array, z: Array) -> tuple[Array, Array]:
         h = activation(z + recurrent_weight(params) * h)
