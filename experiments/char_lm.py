@@ -36,6 +36,7 @@ from rnnlab import distributed, plots, sample, train
 from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell, check_positive_int
 from rnnlab.data import text as text_data
 from rnnlab.metrics import read_metrics
+from rnnlab.wrappers import inverted_dropout
 
 from experiments import common, registry
 
@@ -204,11 +205,6 @@ class CharLM(NamedTuple):
     vocab_size: int
 
 
-def _drop(key: PRNGKey, x: Array, keep: float) -> Array:
-    """Inverted dropout of the elements of `x`."""
-    return jnp.where(jax.random.bernoulli(key, keep, x.shape), x / keep, 0.0)
-
-
 def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> CharLM:
     """The model of `config` (`cell`, `num_layers`, `width`, `embed_dim`,
     `dropout_keep`, `gru_reset_after`, `unroll`) over `vocab_size` characters.
@@ -247,7 +243,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int) -> CharLM:
             ys, carry = rnnlab.unroll(cell, params["rnn"], x, initial_state=carry, unroll=unroll)
         else:
             embed_key, *layer_keys = jax.random.split(rng, 1 + len(layers))
-            x = _drop(embed_key, x, keep)
+            x = inverted_dropout(embed_key, x, keep)
             batch_size = ids.shape[0]
             state = tuple(
                 rnnlab.DropoutState(layer_state, jax.random.split(key, batch_size))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
 from rnnlab import distributed, train
-from rnnlab.cells.base import Params
+from rnnlab.cells.base import Params, is_positive_finite
 
 from experiments.trained_run import TrainedRun
 
@@ -123,7 +122,7 @@ def check_positive_finite(config: ml_collections.ConfigDict, name: str) -> None:
     """Raises a one-line `ValueError` unless `config[name]` is a finite number > 0
     (NaN fails too)."""
     value = config[name]
-    if not 0.0 < value < math.inf:
+    if not is_positive_finite(value):
         raise ValueError(f"config.{name} must be a finite number > 0, got {value!r}.")
 
 

@@ -28,6 +28,7 @@ import rnnlab
 from rnnlab.cells.base import Array, Params, PRNGKey, RNNCell
 from rnnlab.cells.griffin import rg_lru
 from rnnlab.cells.linear import lru, min_gru
+from rnnlab.wrappers import inverted_dropout
 
 LINEAR_CELL_TYPES = ("lru", "min_gru", "rg_lru")
 LRU_RECURRENT_KEYS = ("nu_log", "theta_log", "gamma_log")
@@ -64,10 +65,7 @@ def layer_norm(params: Params, x: Array) -> Array:
 
 def dropout(rng: Optional[PRNGKey], rate: float, x: Array) -> Array:
     """Inverted dropout of `x` at drop rate `rate`; the identity without `rng` or at 0."""
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0)
+    return x if rng is None else inverted_dropout(rng, x, 1.0 - rate)
 
 
 def _scale_recurrent(cell_params: Params, factor: float) -> Params:

@@ -116,8 +116,9 @@ def _keep_probability(value: float, name: str) -> float:
     return float(value)
 
 
-def _drop(key: PRNGKey, x: Array, keep: float) -> Array:
-    """Inverted dropout: keeps each unit with probability `keep` and scales by 1/keep."""
+def inverted_dropout(key: PRNGKey, x: Array, keep: float) -> Array:
+    """Inverted dropout of the elements of `x`: keeps each with probability `keep` and
+    scales it by 1/keep, zeroes the rest; `keep == 1` returns `x`."""
     if keep == 1.0:
         return x
     mask = jax.random.bernoulli(key, keep, jnp.shape(x))
@@ -133,7 +134,7 @@ def _drop_state(key: PRNGKey, state: State, keep: float) -> State:
     keys = jax.random.split(key, max(len(leaves), 1))
     droppable = lambda path, leaf: jnp.issubdtype(leaf.dtype, jnp.inexact) and not _is_memory_cell(path)
     dropped = [
-        _drop(leaf_key, leaf, keep) if droppable(path, leaf) else leaf
+        inverted_dropout(leaf_key, leaf, keep) if droppable(path, leaf) else leaf
         for (path, leaf), leaf_key in zip(leaves, keys)
     ]
     return jax.tree_util.tree_unflatten(treedef, dropped)
@@ -183,10 +184,10 @@ def dropout(
                 return DropoutState(new_cell_state, None), y
             next_key, (in_key, out_key, state_key) = step_keys(state.key)
             if drop_input:
-                x = _drop(in_key, x, input_keep)
+                x = inverted_dropout(in_key, x, input_keep)
             new_cell_state, y = inner_step(params, state.cell, x)
             new_cell_state = _drop_state(state_key, new_cell_state, state_keep)
-            return DropoutState(new_cell_state, next_key), _drop(out_key, y, output_keep)
+            return DropoutState(new_cell_state, next_key), inverted_dropout(out_key, y, output_keep)
 
         return wrapped
 
